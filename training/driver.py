@@ -1,0 +1,157 @@
+"""The driver side of a training run: check the data, plan, run the Ray Train job, write the run's outputs.
+
+Called by `raydpo train` inside a Ray session. Takes the resolved recipe as a plain dict.
+"""
+from __future__ import annotations
+
+import json
+import queue as queue_module
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from training import storage
+from training.data import pipeline
+from training.errors import DataError, RaydpoError
+from training.manifest import write_manifest
+from training.trainer import ProgressCallback, build_trainer, format_progress, format_validation, plan_run, run_uri
+
+PROBE_PAIRS = 4
+METRIC_KEYS = ("step", "epoch", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+               "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s",
+               "padding_waste", "elapsed_s")
+
+
+def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False, gpus_per_node: int = 1,
+               placement_strategy: str = "PACK") -> dict:
+    tc = recipe["training_config"]
+    data_cfg = tc["data"]
+    uri = run_uri(recipe)
+    staging = Path(tempfile.mkdtemp(prefix="raydpo-run-"))
+
+    # ---- data: every file listed, every row parsed once, bad rows reported before any training starts
+    train_files = storage.list_data_files(recipe["run"]["data_s3_path"])
+    val_path = recipe["run"]["validation_data_s3_path"]
+    val_files = storage.list_data_files(val_path) if val_path else []
+    fraction = 0.0 if val_files else data_cfg["validation_fraction"]
+    say(f"checking data: {len(train_files)} training file(s), {len(val_files)} validation file(s)")
+    summary = pipeline.preflight(train_files, data_cfg, tc["seed"], fraction)
+    if val_files:
+        val_summary = pipeline.preflight(val_files, data_cfg, tc["seed"], 0.0)
+        summary.validation_pairs = val_summary.train_pairs
+        summary.bad_rows += val_summary.bad_rows
+    write_jsonl(staging / "skipped_rows.jsonl", [{"source": s, "reason": r} for s, r in summary.bad_rows])
+    if summary.bad_rows and data_cfg["on_error"] == "fail":
+        shown = [f"{s}: {r}" for s, r in summary.bad_rows[:20]]
+        more = len(summary.bad_rows) - len(shown)
+        raise DataError(f"{len(summary.bad_rows)} bad row(s) in the training data",
+                        problems=shown + ([f"... and {more} more"] if more else []),
+                        why="training_config.data.on_error is 'fail'",
+                        fix="fix these rows (`raydpo data validate PATH` lists them all), or set "
+                            "training_config.data.on_error=skip to train without them")
+    if summary.bad_rows:
+        say(f"skipping {len(summary.bad_rows)} bad row(s); listed in {uri}/skipped_rows.jsonl")
+    say(f"data: {summary.train_pairs} training pairs, {summary.validation_pairs} validation pairs")
+
+    train_ds = pipeline.tokenized_dataset(train_files, recipe, "train", fraction)
+    datasets = {"train": train_ds}
+    if summary.validation_pairs:
+        datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0) if val_files
+                                  else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
+    probe = {k: [list(map(int, row[k])) for row in train_ds.take(PROBE_PAIRS)] for k in pipeline.TOKEN_COLUMNS}
+    plan = plan_run(recipe, train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs,
+                    on_gpu=on_gpu, gpus_per_node=gpus_per_node, probe=probe)
+    if plan["total_steps"] == 0:
+        raise DataError(f"{summary.train_pairs} training pairs make no full step of "
+                        f"global_batch_size={tc['global_batch_size']}",
+                        fix="add data or lower training_config.global_batch_size")
+    if "validation" in datasets and not plan["has_validation"]:
+        del datasets["validation"]
+    say(f"plan: {plan['workers']} worker(s) × micro batch {plan['micro_batch']} × accumulation {plan['accum']} = "
+        f"{tc['global_batch_size']} pairs per step, {plan['total_steps']} steps, reference: {plan['reference']}")
+
+    # ---- train: the workers report every step; the driver prints and records
+    (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (staging / "data_summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+    storage_fs, storage_path = storage.pyarrow_filesystem_for(uri)
+    import ray.util.queue
+
+    progress = ray.util.queue.Queue()
+    trainer = build_trainer(recipe, plan, datasets, storage_path=storage_path, storage_filesystem=storage_fs,
+                            callbacks=[ProgressCallback(progress)], placement_strategy=placement_strategy)
+    started = time.time()
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(fit(trainer)), daemon=True)
+    runner.start()
+    metrics_rows, final = [], {}
+    with open(staging / "metrics.jsonl", "w") as metrics_file:
+        while runner.is_alive() or not progress.empty():
+            try:
+                event = progress.get(timeout=0.5)
+            except queue_module.Empty:
+                continue
+            if "exception" in event:
+                say(f"worker failure: {list(event['exception'].values())[0][:300]}")
+                continue
+            report = event["metrics"]
+            for row in report.get("reports", []):
+                row = {k: row[k] for k in METRIC_KEYS if k in row} | {"total_steps": plan["total_steps"]}
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                metrics_rows.append(row)
+                say(format_progress(row | {"elapsed_s": row.get("elapsed_s", time.time() - started)})
+                    if row["split"] == "train" else format_validation(row))
+            if report.get("final"):
+                final = report
+    runner.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+    # ---- outputs: small files from the driver, the model from rank 0, the manifest last
+    train_rows = [r for r in metrics_rows if r["split"] == "train"]
+    result = {"run_uri": uri, "steps": final.get("step", 0), "planned_steps": plan["total_steps"],
+              "wall_s": time.time() - started, "train_pairs": summary.train_pairs,
+              "final_train": train_rows[-1] if train_rows else None,
+              "final_validation": next((r for r in reversed(metrics_rows) if r["split"] == "validation"), None),
+              "plan": {k: v for k, v in plan.items() if k != "probe"}}
+    (staging / "summary.json").write_text(json.dumps(result, indent=2))
+    (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
+    storage.upload_dir(str(staging), uri)
+    write_manifest(uri)
+    return result
+
+
+def fit(trainer) -> dict:
+    try:
+        return {"result": trainer.fit()}
+    except RaydpoError as err:
+        return {"error": err}
+    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; unwrap ours, keep the rest whole
+        cause = find_raydpo_error(err)
+        return {"error": cause or err}
+
+
+def find_raydpo_error(err: BaseException) -> RaydpoError | None:
+    seen = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen or current is None:
+            continue
+        seen.add(id(current))
+        if isinstance(current, RaydpoError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        stack += list(getattr(current, "worker_failures", {}).values()) if isinstance(
+            getattr(current, "worker_failures", None), dict) else []
+    return None
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,96 @@
+"""Pure arithmetic of a run: batch split, learning-rate schedule, DeepSpeed config, step counts.
+
+Nothing here touches torch or DeepSpeed, so every function has a hand-worked test.
+"""
+from __future__ import annotations
+
+import math
+
+
+def batch_plan(global_batch_size: int, workers: int, micro_batch_size: int | None = None) -> tuple[int, int]:
+    """(micro batch per worker, gradient accumulation steps) with micro × accum × workers = global batch.
+
+    Without a requested micro batch, the largest micro batch up to 4 pairs that divides the per-worker share: more
+    pairs per forward is faster until memory runs out, and 4 pairs of 1k tokens fit a small GPU.
+    """
+    assert global_batch_size % workers == 0, "the recipe validation checks divisibility first"
+    per_worker = global_batch_size // workers
+    if micro_batch_size is None:
+        micro_batch_size = max(m for m in range(1, min(per_worker, 4) + 1) if per_worker % m == 0)
+    assert per_worker % micro_batch_size == 0, "the recipe validation checks the micro batch first"
+    return micro_batch_size, per_worker // micro_batch_size
+
+
+def dividing_worker_counts(global_batch_size: int, limit: int = 64) -> list[int]:
+    return [n for n in range(1, limit + 1) if global_batch_size % n == 0]
+
+
+def steps_per_epoch(pairs: int, global_batch_size: int) -> int:
+    """Full optimizer steps in one epoch; the last partial batch is dropped so every worker sees equal work."""
+    return pairs // global_batch_size
+
+
+def total_steps(pairs: int, global_batch_size: int, max_epochs: int, max_steps: int | None) -> int:
+    steps = steps_per_epoch(pairs, global_batch_size) * max_epochs
+    return min(steps, max_steps) if max_steps else steps
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, constant_steps: int, total: int) -> float:
+    """Nova's schedule: linear warmup to lr, `constant_steps` at lr, then cosine decay to min_lr at `total`.
+
+    `step` counts optimizer steps from 0; warmup reaches lr at step == warmup_steps.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step < warmup_steps + constant_steps:
+        return lr
+    decay_steps = max(total - warmup_steps - constant_steps, 1)
+    progress = min((step - warmup_steps - constant_steps) / decay_steps, 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def precision_for(precision: str, on_gpu: bool, bf16_supported: bool = True) -> str:
+    """'bf16' or 'fp32'. auto follows the device: CPU autocast in bf16 is slow and lossy, so CPU runs in fp32."""
+    if precision == "auto":
+        return "bf16" if on_gpu and bf16_supported else "fp32"
+    return precision
+
+
+def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: str, grad_clip: float = 1.0,
+                     stage: int = 3, offload_optimizer: bool = False) -> dict:
+    """The DeepSpeed ZeRO config for one engine. The optimizer and scheduler are ours (passed as objects)."""
+    config = {
+        "train_batch_size": micro_batch * accum * workers,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": True,
+            # Small models (and tests) would otherwise keep everything persistent and skip partitioning.
+            "stage3_param_persistence_threshold": 0,
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # our progress line reports; DeepSpeed's own goes nowhere
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return config
+
+
+def reference_config(config: dict) -> dict:
+    """The frozen reference engine: same partitioning, no optimizer, no gradient settings that need one."""
+    ref = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
+    ref["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+    return ref
+
+
+def optimizer_choice(name: str, on_gpu: bool) -> str:
+    """distributed_fused_adam (Nova's name) is DeepSpeed's fused Adam on GPU; on CPU it needs CUDA, so torch AdamW."""
+    if name == "distributed_fused_adam" and on_gpu:
+        return "fused_adam"
+    return "torch_adamw"

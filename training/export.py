@@ -1,0 +1,166 @@
+"""Export a run's model as a standard Hugging Face folder, merging a LoRA adapter into its base.
+
+A run's model/ is either a full model (config.json + safetensors + tokenizer: already the standard shape, copied
+as is) or a LoRA adapter (adapter_config.json + adapter_model.safetensors + tokenizer). With merge, the adapter is
+folded into its base with peft's merge_and_unload and saved as safetensors with config, generation config and the
+tokenizer with its chat template, so `AutoModelForCausalLM.from_pretrained(PATH)` needs neither peft nor the base.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from training.errors import ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+# what a run folder holds beside model/ that the export reads: the recipe names the base model as the user gave it
+RUN_FILES = ("recipe.yaml",)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    kind: str  # "merged" | "adapter" | "full"
+    source: str
+    target: str
+    base: str | None = None
+
+
+def model_kind(model_dir: Path) -> str | None:
+    """'adapter', 'full', or None when the folder holds neither."""
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (model_dir / MODEL_CONFIG).is_file():
+        return "full"
+    return None
+
+
+def find_model_dir(output: Path) -> Path:
+    """OUTPUT/model of a run, or OUTPUT itself when it is a model folder; a ConfigError saying which otherwise."""
+    if not output.is_dir():
+        raise ConfigError(f"{output} does not exist", fix="pass a run's output folder (<output_s3_path>/<run.name>) "
+                                                          "or its model/ folder")
+    for candidate in (output / "model", output):
+        if candidate.is_dir() and model_kind(candidate):
+            return candidate
+    why = ("model/ holds neither config.json nor adapter_config.json" if (output / "model").is_dir()
+           else "it has no model/ folder: a run writes model/ when training ends")
+    raise ConfigError(f"no model to export in {output}", why=why,
+                      fix="wait for the run to finish, or pass the folder that holds config.json or "
+                          "adapter_config.json")
+
+
+def base_model_source(model_dir: Path) -> str:
+    """The base of an adapter: the run's recipe (run.model_name_or_path, any source raydpo loads) when the
+    adapter sits in a run folder, else the adapter's own base_model_name_or_path."""
+    recipe_path = model_dir.parent / "recipe.yaml"
+    if recipe_path.is_file():
+        import yaml
+
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        source = (recipe.get("run") or {}).get("model_name_or_path")
+        if source:
+            return str(source)
+    config = json.loads((model_dir / ADAPTER_CONFIG).read_text())
+    source = config.get("base_model_name_or_path")
+    if not source:
+        raise ConfigError(f"{model_dir / ADAPTER_CONFIG} names no base model",
+                          why="base_model_name_or_path is empty and no recipe.yaml sits beside the adapter",
+                          fix="set base_model_name_or_path in adapter_config.json to the base model's folder or id")
+    return str(source)
+
+
+def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
+    """Loads base + adapter, merges, and saves a plain transformers folder at target."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from training.models import load_causal_lm, resolve_model_source
+
+    # the base's own dtype ("auto"): peft merges half-precision CPU weights in fp32 and rounds once
+    base = load_causal_lm(base_source, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+    merged.save_pretrained(str(target))
+    tokenizer_dir = model_dir if any(model_dir.glob("tokenizer*")) else Path(resolve_model_source(base_source))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(target))
+    if not (target / "generation_config.json").exists():
+        GenerationConfig.from_model_config(merged.config).save_pretrained(str(target))
+
+
+def _check_target(to: str, overwrite: bool, output: str) -> None:
+    from training import storage
+
+    if storage.is_remote(to):
+        taken = storage.exists(to)
+    else:
+        path = Path(to).resolve()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--to {to} is a file", fix="give a folder path")
+        if not storage.is_remote(output) and (path == Path(output).resolve() or path in Path(output).resolve().parents):
+            raise ConfigError(f"--to {to} would write over the run it exports from", fix="choose a folder outside it")
+        taken = path.is_dir() and any(path.iterdir())
+    if taken and not overwrite:
+        raise ConfigError(f"--to {to} already holds files", why="an export never mixes with an older one",
+                          fix="choose a new folder, or pass --overwrite to replace what is there")
+
+
+def _fetch_remote(output: str, local: Path) -> Path:
+    """Downloads a remote run's model/ (or a remote model folder) and its recipe.yaml; returns the local output."""
+    from training import storage
+
+    base = output.rstrip("/")
+    if storage.exists(f"{base}/model"):
+        storage.download_dir(f"{base}/model", str(local / "model"))
+        for name in RUN_FILES:
+            if storage.exists(f"{base}/{name}"):
+                (local / name).write_bytes(storage.read_bytes(f"{base}/{name}"))
+    elif storage.exists(base):
+        storage.download_dir(base, str(local / "model"))
+        return local / "model"
+    else:
+        raise ConfigError(f"{output} does not exist", fix="pass a run's output URI (<output_s3_path>/<run.name>)")
+    return local
+
+
+def export_model(output: str, to: str, *, merge: bool, overwrite: bool = False,
+                 say: Callable[[str], None] = print) -> ExportResult:
+    """Writes OUTPUT's model to `to` (a local folder or s3:// URI); merges a LoRA adapter when merge is set."""
+    from training import storage
+
+    remote = storage.is_remote(output)
+    if not remote:
+        find_model_dir(Path(output))  # a missing run is the first thing to hear about
+    _check_target(to, overwrite, output)
+    with tempfile.TemporaryDirectory(prefix="raydpo-export-") as tmp:
+        tmp_path = Path(tmp)
+        model_dir = find_model_dir(_fetch_remote(output, tmp_path / "run") if remote else Path(output))
+        kind = model_kind(model_dir)
+        staging = tmp_path / "export"
+        base = None
+        if kind == "adapter" and merge:
+            base = base_model_source(model_dir)
+            say(f"merging the LoRA adapter {model_dir} into its base {base}")
+            merge_adapter(model_dir, staging, base)
+            kind = "merged"
+        else:
+            if kind == "full" and merge:
+                say(f"{model_dir} is a full-rank model, already a standard Hugging Face folder: copied as is")
+            elif kind == "adapter":
+                say(f"{model_dir} is a LoRA adapter: copied as is (pass --merge for a standalone model)")
+            shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".complete"))
+        if storage.is_remote(to):
+            if overwrite:
+                storage.remove(to)
+            storage.upload_dir(str(staging), to)
+        else:
+            target = Path(to)
+            if overwrite and target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(staging, target, dirs_exist_ok=True)
+    say(f"wrote {to}")
+    return ExportResult(kind=kind, source=str(output), target=str(to), base=base)

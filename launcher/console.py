@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from training.errors import RaydpoError
+
 TAIL_LINES = 40
 
 
@@ -34,6 +36,8 @@ def user_console(log_file: Path) -> Iterator[Callable[[str], None]]:
     os.dup2(log_fd, 2)
     try:
         yield say
+    except RaydpoError:
+        raise  # a user error says what to do; the log's tail would only bury it
     except BaseException:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -206,10 +206,11 @@ def _build(cls: type, tree: Any, prefix: str, problems: list[str]):
         return None  # a required key is missing; already reported
 
 
-def _cross_checks(run: EvalRun | None, ev: Evaluation | None, problems: list[str]) -> None:
-    """Checks across keys; a section that did not build (its problems are already listed) is skipped."""
-    models = run.model_name_or_path if run is not None else None
-    if models is not None and not models:
+def _cross_checks(models: Any, ev: Evaluation | None, problems: list[str]) -> None:
+    """Checks across keys; `models` is run.model_name_or_path as written; a section that did not build (its
+    problems are already listed) is skipped."""
+    models = [models] if isinstance(models, str) and models else models if isinstance(models, list) else None
+    if not models:
         problems.append("run.model_name_or_path: required (in the recipe or with --model)")
     if ev is None or ev.task not in TASKS:
         return
@@ -240,7 +241,8 @@ def build_eval_recipe(tree: Any, *, source: str = "the recipe") -> EvalRecipe:
     for key in tree:
         if key not in sections:
             problems.append(f"{key or 'the recipe'}: unknown section; allowed: run, evaluation, inference")
-    _cross_checks(sections["run"], sections["evaluation"], problems)
+    run_tree = tree.get("run") if isinstance(tree.get("run"), dict) else {}
+    _cross_checks(run_tree.get("model_name_or_path"), sections["evaluation"], problems)
     if problems:
         raise ConfigError(f"{source} is not a valid evaluation recipe", problems=problems,
                           fix="see recipes/eval_gen_qa.yaml for every key and its default")

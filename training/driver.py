@@ -62,7 +62,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
     if summary.validation_pairs:
         datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0) if val_files
                                   else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
-    probe = {k: [list(map(int, row[k])) for row in train_ds.take(PROBE_PAIRS)] for k in pipeline.TOKEN_COLUMNS}
+    probe = probe_pairs(train_files, recipe, fraction)
     plan = plan_run(recipe, train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs,
                     on_gpu=on_gpu, gpus_per_node=gpus_per_node, probe=probe)
     if plan["total_steps"] == 0:
@@ -121,8 +121,43 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
     (staging / "summary.json").write_text(json.dumps(result, indent=2))
     (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
     storage.upload_dir(str(staging), uri)
+    write_report_quietly(uri, say)
     write_manifest(uri)
     return result
+
+
+def probe_pairs(files: list[str], recipe: dict, fraction: float) -> dict:
+    """The first few training pairs, tokenised here: the workers report their final log-probabilities on them so
+    that a reloaded model can be checked against the trained one."""
+    from training.data.formats import iter_raw_rows, parse_line
+    from training.data.tokenize import tokenize_record
+    from training.models import load_tokenizer
+
+    tc = recipe["training_config"]
+    data_cfg = tc["data"]
+    tokenizer = load_tokenizer(recipe["run"]["model_name_or_path"])
+    pairs, detected = [], {}
+    for path in files:
+        for text, source in iter_raw_rows(path):
+            record, error = parse_line(text, source, data_cfg["format"], data_cfg["key_map"] or None, detected)
+            if error or pipeline.split_of(source, fraction, tc["seed"]) != "train":
+                continue
+            pairs.append(tokenize_record(record, tokenizer, max_length=tc["max_length"],
+                                         max_prompt_length=data_cfg["max_prompt_length"],
+                                         keep=data_cfg["prompt_truncation"], default_system=data_cfg["system_prompt"]))
+            if len(pairs) == PROBE_PAIRS:
+                return {k: [p[k] for p in pairs] for k in pipeline.TOKEN_COLUMNS}
+    return {k: [p[k] for p in pairs] for k in pipeline.TOKEN_COLUMNS}
+
+
+def write_report_quietly(run_uri: str, say) -> None:
+    from training.eval.report import write_report
+
+    try:
+        md, html = write_report(run_uri)
+        say(f"report: {html}")
+    except Exception as err:  # noqa: BLE001 - a report problem must not fail a finished training run
+        say(f"report not written: {err}")
 
 
 def fit(trainer) -> dict:

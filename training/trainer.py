@@ -11,6 +11,7 @@ from ray.train import UserCallback
 
 from training import ds_config
 
+RAY_TRAIN_DIR = "ray_train"  # under the run's output: Ray Train's run state and checkpoints
 REFERENCE_DEFAULTS = {True: "adapter_disabled", False: "engine"}  # LoRA? -> reference strategy
 
 
@@ -89,7 +90,7 @@ def build_trainer(recipe: dict, plan: dict, datasets: dict, *, storage_path: str
                                                resources_per_worker=None if plan["use_gpu"] else {"CPU": 1},
                                                placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
-            name=recipe["run"]["name"], storage_path=storage_path, storage_filesystem=storage_filesystem,
+            name=RAY_TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc["checkpoint"]["keep_last"]),
             failure_config=ray.train.FailureConfig(max_failures=tc["max_failures"]),
             callbacks=list(callbacks)),

@@ -147,12 +147,28 @@ def resolve_model(source: str) -> tuple[str, Path | None]:
     return source, None
 
 
-def run_recipe(run: Path | None) -> dict:
+def resolve_models(sources: list[str]) -> list[tuple[str, Path | None]]:
+    """resolve_model for each; every model that cannot be loaded is listed in one ConfigError."""
+    resolved, problems = [], []
+    for source in sources:
+        try:
+            resolved.append(resolve_model(source))
+        except ConfigError as err:
+            problems.append(err.what + (f" ({err.why})" if err.why else ""))
+    if problems:
+        raise ConfigError(f"{len(problems)} of {len(sources)} model(s) cannot be loaded", problems=problems,
+                          fix="check run.model_name_or_path and --model: a model folder, a LoRA adapter folder, a "
+                              "training run's output folder, an s3:// folder, a .gguf file or a hub id (org/name)")
+    return resolved
+
+
+def run_recipe(run: str | None) -> dict:
+    """The resolved recipe a training run folder holds, or {}."""
     if run is None:
         return {}
     import yaml
 
-    return yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8")) or {}
 
 
 def _check_rows(rows: list, bad: list, path: str, on_error: str) -> dict:
@@ -235,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     sources = list(recipe.run.model_name_or_path)
     labels = model_labels(len(sources))
     models = [{"label": label, "source": source, "path": path, "run": str(run_dir) if run_dir else None}
-              for label, source, (path, run_dir) in zip(labels, sources, map(resolve_model, sources))]
+              for label, source, (path, run_dir) in zip(labels, sources, resolve_models(sources))]
     judge = ev.judge
     if task == "llm_judge":
         from training.eval.llm_judge import load_judge_prompt

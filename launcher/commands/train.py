@@ -7,7 +7,6 @@ and stopped after. The console shows raydpo's progress; Ray's and DeepSpeed's ou
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     recipe_obj, args = load_from_args(args)
     recipe = recipe_to_dict(recipe_obj)
-    check_model_knobs(recipe)
     log_file = local_log_file(recipe)
     result = train(recipe, log_file)
     final = result.get("final_train") or {}
@@ -46,6 +44,7 @@ def train(recipe: dict, log_file: Path) -> dict:
 
     replicas = recipe["run"]["replicas"]
     with user_console(log_file) as say:
+        check_model_knobs(recipe)
         say(f"run {recipe['run']['name']}: {replicas} replica(s); Ray and DeepSpeed log to {log_file}")
         with ray_session(num_cpus=replicas + DATA_CPUS, num_gpus=None, log_file=log_file) \
                 as session:
@@ -59,7 +58,6 @@ def train(recipe: dict, log_file: Path) -> dict:
                 f"{nodes} node(s), placement {strategy}")
             result = run_recipe(recipe, say=say, on_gpu=gpus_per_node > 0, gpus_per_node=int(gpus_per_node) or 1,
                                 placement_strategy=strategy)
-        write_report_quietly(result["run_uri"], say)
     return result
 
 
@@ -85,15 +83,3 @@ def local_log_file(recipe: dict) -> Path:
     if storage.is_remote(output):
         return Path(tempfile.gettempdir()) / "raydpo" / recipe["run"]["name"] / "ray.log"
     return Path(output) / recipe["run"]["name"] / "logs" / "ray.log"
-
-
-def write_report_quietly(run_uri: str, say) -> None:
-    try:
-        from training.eval.report import write_report
-    except ImportError:
-        return
-    try:
-        md, html = write_report(run_uri)
-        say(f"report: {html}")
-    except Exception as err:  # noqa: BLE001 - a report problem must not fail a finished training run
-        say(f"report not written: {err}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+ROOT_OF_REPO = Path(__file__).resolve().parents[2]
 
 
 def free_ports(count: int) -> list[int]:
@@ -91,6 +92,7 @@ def start_head(num_cpus: int = 2) -> Head:
                f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    base["PATH"] = f"{BIN}:{base.get('PATH', '')}"  # as after `source .venv/bin/activate`: jobs find this python
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**base, **env},
                                    start_new_session=True)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launcher.cli import main
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
 from tests.training.eval.test_report import make_run
@@ -30,16 +32,27 @@ def test_report_on_a_folder_of_runs_or_nothing_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_report_of_an_s3_run_is_uploaded_beside_it(tmp_path, s3_server, capsys):  # noqa: F811
+def test_report_of_an_s3_run_is_uploaded_beside_it(tmp_path, s3_server, capsys, monkeypatch):  # noqa: F811
     bucket = s3_server.make_bucket("raydpo-report-cli")
     try:
-        storage.upload_dir(str(make_run(tmp_path)), f"{bucket}/out/tiny-run")
+        run = make_run(tmp_path)
+        (run / "model").mkdir()
+        (run / "model" / "model.safetensors").write_bytes(b"weights")
+        storage.upload_dir(str(run), f"{bucket}/out/tiny-run")
         uri = f"{bucket}/out/tiny-run"
+        read = []
+        real_read = storage.read_bytes
+        monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: read.append(u) or real_read(u, **kw))
+        monkeypatch.setattr(storage, "download_dir", lambda *a, **kw: pytest.fail(f"downloaded a folder: {a}"))
         assert main(["report", uri]) == 0
+        # only the small files the report reads: no model, no per-row eval records
+        assert sorted(u[len(uri) + 1:] for u in read) == [
+            "data_summary.json", "eval/config.json", "eval/gen_qa/results.json", "eval/preference/results.json",
+            "eval/results.json", "metrics.jsonl", "recipe.yaml", "skipped_rows.jsonl", "summary.json"]
         assert capsys.readouterr().out.split("\n")[:2] == [f"wrote {uri}/report.md", f"wrote {uri}/report.html"]
         md = storage.read_bytes(f"{uri}/report.md").decode()
         assert md.startswith(f"# raydpo report: tiny-run\n\nRun: `{uri}`")
-        assert "| f1 | 0.25 | 0.5 | +100.0% |" in md
+        assert "| f1 | 0.25 | 0.5 | +100.0% |" in md and "### preference" in md
         assert storage.read_bytes(f"{uri}/plots/loss.png")[:4] == b"\x89PNG"
         assert "data:image/png;base64," in storage.read_bytes(f"{uri}/report.html").decode()
 

@@ -170,3 +170,45 @@ def test_non_numeric_metric_is_skipped_with_one_warning(tmp_path):
     tracking.close(handle)
     scalars = _tb_scalars(tmp_path / "tensorboard" / "train")
     assert "train/loss" not in scalars and len(scalars["train/lr"]) == 2
+
+
+# The SQL backends, the server and pandas come with the full mlflow package only, not with mlflow-skinny.
+NOT_IN_MLFLOW_SKINNY = ("sqlalchemy", "alembic", "flask", "flask_cors", "pandas", "gunicorn", "graphene", "docker",
+                        "scipy", "sklearn", "scikit_learn", "skops", "huey", "mlflow-")
+SKINNY_CHECK = """
+import importlib.util, sys, tempfile, warnings
+sys.path[:0] = [{root!r}, {site!r}]
+assert importlib.util.find_spec("sqlalchemy") is None and importlib.util.find_spec("pandas") is None
+warnings.simplefilter("error", UserWarning)
+from training import tracking
+run = tempfile.mkdtemp()
+handle = tracking.open_trackers(run, {{"run": {{"name": "s"}}}})
+tracking.log_metrics(handle, {{"train/loss": 0.5}}, step=3)
+tracking.close(handle)
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri="file:" + run + "/mlruns")
+[found] = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+print([(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "train/loss")], found.info.status)
+"""
+
+
+def test_works_with_mlflow_skinny_alone(tmp_path):
+    """A copy of the environment without what only full mlflow brings (links, not files), in a fresh interpreter."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    if not any(site_packages.glob("mlflow_skinny-*.dist-info")):
+        pytest.skip(f"mlflow-skinny is not installed in {site_packages}")
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in site_packages.iterdir():
+        if not entry.name.lower().startswith(NOT_IN_MLFLOW_SKINNY):
+            (site / entry.name).symlink_to(entry.resolve())
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-S", "-c", SKINNY_CHECK.format(root=root, site=str(site))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[(3, 0.5)] FINISHED"

@@ -28,10 +28,15 @@ def parse_and_split(batch: dict, fmt: str, key_map: dict, validation_fraction: f
     return parsed
 
 
+def is_bad(error) -> bool:
+    """Arrow turns an all-null error column into NaN floats: only a string is an error."""
+    return isinstance(error, str) and bool(error)
+
+
 def summarize_batch(batch: dict) -> dict:
     """One row per batch: pair counts per split and the bad rows (source, reason), for the driver to add up."""
-    errors = [(s, e) for s, e in zip(batch["source"], batch["error"]) if e]
-    good = [sp for sp, e in zip(batch["split"], batch["error"]) if not e]
+    errors = [(str(s), e) for s, e in zip(batch["source"], batch["error"]) if is_bad(e)]
+    good = [sp for sp, e in zip(batch["split"], batch["error"]) if not is_bad(e)]
     return {"train": [good.count("train")], "validation": [good.count("validation")], "bad": [json.dumps(errors)]}
 
 
@@ -74,7 +79,7 @@ def tokenized_dataset(uris: list[str], recipe: dict, split: str, validation_frac
     tc = recipe["training_config"]
     data_cfg = tc["data"]
     ds = parsed_rows(uris, data_cfg, tc["seed"], validation_fraction)
-    ds = ds.filter(lambda row: not row["error"] and row["split"] == split)
+    ds = ds.filter(lambda row: not is_bad(row["error"]) and row["split"] == split)
     return ds.map_batches(
         TokenizeStage, batch_size=64, concurrency=tokenizer_actors, num_cpus=1,
         fn_constructor_kwargs=dict(model_source=recipe["run"]["model_name_or_path"], max_length=tc["max_length"],

@@ -76,6 +76,7 @@ class TokenizeStage:
 
 
 def _plain(row: dict) -> dict:
-    """Ray hands numpy arrays and numpy scalars; the templating wants lists of dicts and str."""
+    """Ray hands numpy arrays and scalars, and an all-null string column as NaN floats; templating wants str/None."""
     prompt = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["prompt"]]
-    return {**row, "prompt": prompt}
+    optional = {k: row.get(k) if isinstance(row.get(k), str) else None for k in ("system", "tools")}
+    return {**row, "prompt": prompt, **optional}

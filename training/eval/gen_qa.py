@@ -229,7 +229,7 @@ def read_qa_rows(path: str, *, fmt: str = "auto", key_map: dict | None = None,
     from training.data.formats import data_files, iter_raw_rows, parse_line
 
     rows, bad, file_format = [], [], {}
-    for file in data_files(path):
+    for file in data_files([path]):
         fs = storage.filesystem_for(file)[0] if storage.is_remote(file) else None
         for text, source in iter_raw_rows(file, fs):
             if max_rows is not None and len(rows) >= max_rows:

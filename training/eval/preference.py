@@ -146,7 +146,7 @@ def read_pairs(path: str, *, fmt: str = "auto", key_map: dict | None = None,
     from training.data.formats import data_files, parsed_rows
 
     records, bad = [], []
-    for record, reason, source, _ in parsed_rows(data_files(path), fmt, key_map):
+    for record, reason, source, _ in parsed_rows(data_files([path]), fmt, key_map):
         if max_rows is not None and len(records) >= max_rows:
             break
         if record is None:

@@ -188,9 +188,13 @@ def plot_curve(rows: list[dict], spec: CurvePlot, out: Path) -> list[str]:
     return drawn
 
 
+CI_SUFFIXES = ("_ci_low", "_ci_high")  # llm_judge's Wilson intervals: error bars, not bars of their own
+
+
 def plot_eval(result: dict, title: str, out: Path) -> bool:
     labels = list(result["models"])
-    metrics = sorted({name for m in result["models"].values() for name, v in m["metrics"].items() if is_number(v)})
+    metrics = sorted({name for m in result["models"].values() for name, v in m["metrics"].items()
+                      if is_number(v) and not name.endswith(CI_SUFFIXES)})
     if not metrics:
         return False
     cols = min(3, len(metrics))
@@ -201,15 +205,25 @@ def plot_eval(result: dict, title: str, out: Path) -> bool:
     for index, metric in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, index + 1)
         values = [result["models"][label]["metrics"].get(metric) for label in labels]
-        values = [v if is_number(v) else 0.0 for v in values]
-        bars = ax.bar(labels, values, color=colors)
-        ax.bar_label(bars, labels=[fmt_number(v) for v in values], fontsize="small")
+        heights = [v if is_number(v) else 0.0 for v in values]
+        bars = ax.bar(labels, heights, color=colors, yerr=ci_errors(result, labels, metric, heights), capsize=4)
+        ax.bar_label(bars, labels=[fmt_number(v) if is_number(v) else "n/a" for v in values], fontsize="small")
         ax.set_title(metric, fontsize="medium")
         ax.margins(y=0.15)
         ax.tick_params(axis="x", labelsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return True
+
+
+def ci_errors(result: dict, labels: list[str], metric: str, heights: list[float]):
+    """[[below...], [above...]] for matplotlib's yerr when every model has metric_ci_low/high, else None."""
+    bounds = [(result["models"][label]["metrics"].get(metric + "_ci_low"),
+               result["models"][label]["metrics"].get(metric + "_ci_high")) for label in labels]
+    if not all(is_number(low) and is_number(high) for low, high in bounds):
+        return None
+    return [[max(h - low, 0.0) for h, (low, _) in zip(heights, bounds)],
+            [max(high - h, 0.0) for h, (_, high) in zip(heights, bounds)]]
 
 
 # ---- sections: each returns markdown
@@ -300,48 +314,95 @@ def training_section(run: Path) -> str:
 FINAL_KEYS = ("step", "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
+MODEL_ENTRY_SKIP = ("metrics", "path")  # shown elsewhere (metrics) or too long for a table column (path)
+
+
+def change_columns(result: dict) -> dict[str, dict]:
+    """{column header: {metric: fractional change}}: one column per tuned model, from relative_change_by_model,
+    else the single relative_change."""
+    by_model = result.get("relative_change_by_model")
+    if isinstance(by_model, dict) and by_model and all(isinstance(v, dict) for v in by_model.values()):
+        if len(by_model) == 1:
+            return {"change vs base": next(iter(by_model.values()))}
+        return {f"change ({label})": changes for label, changes in by_model.items()}
+    change = result.get("relative_change")
+    return {"change vs base": change} if isinstance(change, dict) and change else {}
+
+
+def eval_table(result: dict) -> tuple[list[str], list[list]]:
+    """Metrics (then n and the other per-model scalars) by model, with the relative changes as percentages."""
+    models = result["models"]
+    labels = list(models)
+    changes = change_columns(result)
+    metrics = sorted({k for m in models.values() for k in m["metrics"]})
+    extras = sorted({k for m in models.values() for k, v in m.items()
+                     if k not in MODEL_ENTRY_SKIP and not isinstance(v, (dict, list))}, key=lambda k: (k != "n", k))
+    rows = [[metric] + [fmt_value(models[label]["metrics"].get(metric, "")) for label in labels]
+            + [fmt_percent(c[metric]) if c.get(metric) is not None else ("n/a" if metric in c else "")
+               for c in changes.values()]
+            for metric in metrics]
+    rows += [[key] + [fmt_value(models[label].get(key, "")) for label in labels] + [""] * len(changes)
+             for key in extras]
+    return ["metric"] + labels + list(changes), rows
+
+
 def eval_result_markdown(result: dict, name: str, chart: str | None) -> str:
     task = result.get("task", name)
     labels = list(result["models"])
-    metrics = sorted({k for m in result["models"].values() for k in m["metrics"]})
-    change = result.get("relative_change") if isinstance(result.get("relative_change"), dict) else {}
-    headers = ["metric"] + labels + (["relative change"] if change else [])
-    rows = [[metric] + [fmt_value(result["models"][label]["metrics"].get(metric, "")) for label in labels]
-            + ([fmt_percent(change[metric]) if metric in change else ""] if change else []) for metric in metrics]
-    rows.append(["n"] + [fmt_value(result["models"][label].get("n", "")) for label in labels]
-                + ([""] if change else []))
-    parts = [f"### {md_cell(task)} ({md_cell(name)})", md_table(headers, rows)]
+    parts = [f"### {md_cell(task)} ({md_cell(name)})"]
+    if result.get("partial"):
+        parts.append(f"**Partial result**: {md_cell(result.get('error', 'the evaluation stopped part-way'))}")
+    parts.append(md_table(*eval_table(result)))
+    paths = [[label, entry.get("path")] for label, entry in result["models"].items() if entry.get("path")]
+    if paths:
+        parts.append("Models: " + "; ".join(f"{md_cell(label)} = `{path}`" for label, path in paths))
+    data = result.get("data")
+    if isinstance(data, dict):
+        parts.append("Data: " + ", ".join(f"{md_cell(k)} {md_cell(fmt_value(v))}" for k, v in data.items()
+                                          if not isinstance(v, (dict, list))))
     if chart:
         parts.append(f"![{md_cell(task)}: metrics by model]({chart})")
     examples = [e for e in result.get("examples") or [] if isinstance(e, dict)]
     if examples:
-        columns = [c for c in ("prompt", "reference") if any(c in e for e in examples[:MAX_EXAMPLES])]
-        columns += labels + sorted({k for e in examples[:MAX_EXAMPLES] for k in e} - set(columns) - set(labels))
-        parts.append(f"Examples ({min(len(examples), MAX_EXAMPLES)} of {len(examples)}):\n\n"
-                     + md_table(columns, [[e.get(c, "") for c in columns] for e in examples[:MAX_EXAMPLES]]))
+        shown = examples[:MAX_EXAMPLES]
+        columns = [c for c in ("prompt", "reference") if any(c in e for e in shown)]
+        columns += labels + sorted({k for e in shown for k in e} - set(columns) - set(labels))
+        parts.append(f"Examples ({len(shown)} of {len(examples)}):\n\n"
+                     + md_table(columns, [[e.get(c, "") for c in columns] for e in shown]))
     else:
         parts.append("_No example generations in this result._")
     return "\n\n".join(parts)
 
 
+def eval_results(run: Path, notes: list[str]) -> list[tuple[str, dict]]:
+    """(name, result) of each eval/*.json and eval/<task>/*.json shaped as an evaluation result; a file that
+    repeats another one (eval/results.json is a copy of the latest task's) is shown once."""
+    folder = run / "eval"
+    if not folder.is_dir():
+        return []
+    results: list[tuple[str, dict]] = []
+    for path in sorted(folder.glob("*/*.json")) + sorted(folder.glob("*.json")):
+        name = path.relative_to(run).as_posix()
+        data = _load_json(path, notes)
+        if not is_eval_result(data):
+            if data is not None:
+                notes.append(f"_{md_cell(name)} is not an evaluation result (no models with metrics); left out._")
+        elif all(data != seen for _, seen in results):
+            results.append((name, data))
+    return results
+
+
 def eval_section(run: Path) -> str:
     parts = ["## Evaluation"]
-    files = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
-    results = []
-    for path in files:
-        data = _load_json(path, parts)
-        if is_eval_result(data):
-            results.append((path, data))
-        elif data is not None:
-            parts.append(f"_eval/{md_cell(path.name)} is not an evaluation result (no models with metrics); "
-                         "left out._")
+    results = eval_results(run, parts)
     if not results:
         parts.append("_No evaluation results yet (no eval/*.json with models and metrics): run `raydpo eval` "
                      "on this run's output._")
-    for path, result in results:
-        out = run / "plots" / f"eval_{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)}.png"
-        chart = f"plots/{out.name}" if plot_eval(result, str(result.get("task", path.stem)), out) else None
-        parts.append(eval_result_markdown(result, f"eval/{path.name}", chart))
+    for name, result in results:
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name.removeprefix("eval/").removesuffix(".json"))
+        out = run / "plots" / f"eval_{slug}.png"
+        chart = f"plots/{out.name}" if plot_eval(result, str(result.get("task", slug)), out) else None
+        parts.append(eval_result_markdown(result, name, chart))
     return "\n\n".join(parts)
 
 
@@ -359,9 +420,19 @@ def check_run_dir(run: Path) -> None:
                                else "pass <output_s3_path>/<run.name> of a run that has started"))
 
 
+def run_name(run: Path) -> str:
+    """run.name from recipe.yaml (training writes the report in a staging folder), else the folder's name."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))["run"]["name"])
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return run.name
+
+
 def build_markdown(run: Path, source: str) -> str:
     """The report as markdown, making the plots under run/plots/ on the way."""
-    title = f"# raydpo report: {md_cell(run.name)}\n\nRun: `{source}`"
+    title = f"# raydpo report: {md_cell(run_name(run))}\n\nRun: `{source}`"
     sections = [title, summary_section(run), recipe_section(run), data_section(run), training_section(run),
                 eval_section(run)]
     return "\n\n".join(sections) + "\n"
@@ -404,11 +475,17 @@ em {{ color: #656d76; }}
 """
 
 
-def write_report(run_dir, *, source: str | None = None) -> tuple[Path, Path]:
-    """Writes <run>/report.md, <run>/report.html and <run>/plots/*.png; returns (md_path, html_path).
+def write_report(run_dir, *, source: str | None = None) -> tuple[Path, Path] | tuple[str, str]:
+    """Writes report.md, report.html and plots/*.png beside a run; returns (md, html).
 
-    source: where the run lives, for the report's header, when run_dir is a local copy (e.g. of an s3:// run).
+    run_dir: a local run folder (returns Paths), or an s3:// run URI: its small files are fetched to a temporary
+    folder (never the model or checkpoints) and the report is uploaded beside the run (returns URIs).
+    source: where the run lives, for the report's header, when run_dir is a local copy.
     """
+    from training import storage
+
+    if storage.is_remote(str(run_dir)):
+        return write_remote_report(str(run_dir))
     import markdown
 
     run = Path(run_dir).resolve()
@@ -417,6 +494,56 @@ def write_report(run_dir, *, source: str | None = None) -> tuple[Path, Path]:
     md_path, html_path = run / "report.md", run / "report.html"
     md_path.write_text(text, encoding="utf-8")
     body = embed_images(markdown.markdown(text, extensions=["tables", "fenced_code"]), run)
-    html_path.write_text(HTML_PAGE.format(title=html.escape(f"raydpo report: {run.name}"), body=body),
+    html_path.write_text(HTML_PAGE.format(title=html.escape(f"raydpo report: {run_name(run)}"), body=body),
                          encoding="utf-8")
     return md_path, html_path
+
+
+# what the report reads from a run; *.json under eval/ come as well
+REPORT_INPUTS = ("recipe.yaml", "data_summary.json", "summary.json", "metrics.jsonl", "skipped_rows.jsonl")
+
+
+def fetch_report_inputs(uri: str, local: Path) -> int:
+    """Copies the report's inputs of a remote run into local; returns how many files came."""
+    from training import storage
+    from training.errors import DataError
+
+    local.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    for name in REPORT_INPUTS:
+        if storage.exists(f"{uri}/{name}"):
+            (local / name).write_bytes(storage.read_bytes(f"{uri}/{name}"))
+            fetched += 1
+    if storage.exists(f"{uri}/eval"):
+        try:
+            files = storage.list_data_files(f"{uri}/eval", suffixes=(".json",))
+        except DataError:  # an eval/ folder without results: the report says so
+            files = []
+        for file_uri in files:
+            target = local / "eval" / file_uri[len(uri) + len("/eval/"):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(file_uri))
+            fetched += 1
+    return fetched
+
+
+def write_remote_report(uri: str) -> tuple[str, str]:
+    import tempfile
+
+    from training import storage
+
+    uri = uri.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="raydpo-report-") as tmp:
+        local = Path(tmp) / uri.rsplit("/", 1)[-1]
+        if not fetch_report_inputs(uri, local):
+            runs = [d for d in storage.list_dirs(uri) if storage.exists(f"{d}/recipe.yaml")]
+            raise ConfigError(f"{uri} holds no run outputs", problems=[f"holds none of: {', '.join(RUN_MARKERS)}"],
+                              why="a report reads one run's outputs",
+                              fix=(f"pass one of the runs inside it: {', '.join(runs)}" if runs
+                                   else "pass <output_s3_path>/<run.name> of a run that has started"))
+        write_report(local, source=uri)
+        for name in ("report.md", "report.html"):
+            storage.write_bytes(f"{uri}/{name}", (local / name).read_bytes())
+        if (local / "plots").is_dir():
+            storage.upload_dir(str(local / "plots"), f"{uri}/plots")
+    return f"{uri}/report.md", f"{uri}/report.html"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,7 +23,8 @@ def metrics_rows(steps: int = 12, with_validation: bool = True) -> list[dict]:
     for step in range(1, steps + 1):
         margin = 0.1 * step
         rows.append({"step": step, "epoch": step / steps, "split": "train", "loss": math.log(2) - 0.02 * step,
-                     "rewards/chosen": margin / 2, "rewards/rejected": -margin / 2, "rewards/accuracies": 0.5 + step / 40,
+                     "rewards/chosen": margin / 2, "rewards/rejected": -margin / 2,
+                     "rewards/accuracies": 0.5 + step / 40,
                      "rewards/margins": margin, "logps/chosen": -40.0, "logps/rejected": -45.0,
                      "lr": 1e-5 * min(1.0, step / 4), "grad_norm": 1.0, "tokens_per_s": 900.0, "elapsed_s": step})
         if with_validation and step % 4 == 0:
@@ -34,14 +34,21 @@ def metrics_rows(steps: int = 12, with_validation: bool = True) -> list[dict]:
     return rows
 
 
-EVAL_RESULT = {
-    "task": "gen_qa",
-    "models": {"base": {"metrics": {"f1": 0.25, "rouge1": 0.3, "exact_match": 0.0}, "n": 32},
-               "tuned": {"metrics": {"f1": 0.5, "rouge1": 0.45, "exact_match": 0.125}, "n": 32}},
-    "relative_change": {"f1": 1.0, "rouge1": 0.5},
+EVAL_RESULT = {  # shaped as launcher/commands/eval.py documents results.json
+    "task": "gen_qa", "name": "tiny-run", "base": "base", "tuned": ["tuned"],
+    "models": {"base": {"path": "/models/base", "metrics": {"f1": 0.25, "rouge1": 0.3, "exact_match": 0.0},
+                        "n": 32, "truncated": 2, "truncated_rate": 0.0625},
+               "tuned": {"path": "/runs/tiny-run/model", "metrics": {"f1": 0.5, "rouge1": 0.45, "exact_match": 0.125},
+                         "n": 32, "truncated": 0, "truncated_rate": 0.0}},
+    "relative_change": {"f1": 1.0, "rouge1": 0.5, "exact_match": None},
+    "relative_change_by_model": {"tuned": {"f1": 1.0, "rouge1": 0.5, "exact_match": None}},
     "examples": [{"prompt": f"Question {i}: what is | a *pipe*?\nSecond line <b>", "reference": f"ref {i}",
                   "base": f"base answer {i}", "tuned": f"tuned answer {i}"} for i in range(5)],
+    "data": {"path": "data/qa.jsonl", "rows": 32, "skipped": 0, "skipped_rows": []},
+    "partial": False, "rows_file": "rows.jsonl",
 }
+PREFERENCE_RESULT = {"task": "preference", "models": {"base": {"metrics": {"accuracy": 0.5}, "n": 10},
+                                                      "tuned": {"metrics": {"accuracy": 0.8}, "n": 10}}}
 
 
 def make_run(root: Path, *, validation: bool = True, evaluation: bool = True) -> Path:
@@ -60,12 +67,12 @@ def make_run(root: Path, *, validation: bool = True, evaluation: bool = True) ->
     with open(run / "metrics.jsonl", "w") as f:
         for row in metrics_rows(with_validation=validation):
             f.write(json.dumps(row) + "\n")
-    if evaluation:
-        (run / "eval").mkdir()
-        (run / "eval" / "results.json").write_text(json.dumps(EVAL_RESULT))
-        second = {"task": "preference", "models": {"base": {"metrics": {"accuracy": 0.5}, "n": 10},
-                                                   "tuned": {"metrics": {"accuracy": 0.8}, "n": 10}}}
-        (run / "eval" / "preference.json").write_text(json.dumps(second))
+    if evaluation:  # as `raydpo eval` leaves it: each task's latest under eval/<task>/, the latest at eval/
+        for task, result in (("preference", PREFERENCE_RESULT), ("gen_qa", EVAL_RESULT)):
+            (run / "eval" / task).mkdir(parents=True)
+            for folder in (run / "eval" / task, run / "eval"):
+                (folder / "results.json").write_text(json.dumps(result))
+                (folder / "rows.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
         (run / "eval" / "config.json").write_text(json.dumps({"not": "a result"}))
     return run
 
@@ -119,6 +126,29 @@ def test_read_jsonl_reports_bad_lines_with_file_and_line(tmp_path):
     assert [b.split(": ")[0] for b in bad] == ["metrics.jsonl:3", "metrics.jsonl:4"]
 
 
+def test_eval_table_has_a_change_column_per_tuned_model():
+    result = {"models": {"b": {"metrics": {"acc": 0.5}, "n": 4, "path": "/p"},
+                         "t1": {"metrics": {"acc": 0.75}, "n": 4}, "t2": {"metrics": {"acc": 0.25, "x": 1}}},
+              "relative_change": {"acc": 0.5},
+              "relative_change_by_model": {"t1": {"acc": 0.5}, "t2": {"acc": -0.5}}}
+    headers, rows = report.eval_table(result)
+    assert headers == ["metric", "b", "t1", "t2", "change (t1)", "change (t2)"]
+    assert rows == [["acc", "0.5", "0.75", "0.25", "+50.0%", "-50.0%"],
+                    ["x", "", "", "1", "", ""],
+                    ["n", "4", "4", "", "", ""]]
+    del result["relative_change_by_model"]
+    assert report.eval_table(result)[0][-1] == "change vs base"
+
+
+def test_ci_errors_are_distances_to_the_interval():
+    result = {"models": {"a": {"metrics": {"win": 0.5, "win_ci_low": 0.25, "win_ci_high": 0.75}},
+                         "b": {"metrics": {"win": 0.9, "win_ci_low": 0.8, "win_ci_high": 0.95}}}}
+    below, above = report.ci_errors(result, ["a", "b"], "win", [0.5, 0.9])
+    assert below == pytest.approx([0.25, 0.1]) and above == pytest.approx([0.25, 0.05])
+    del result["models"]["b"]["metrics"]["win_ci_high"]
+    assert report.ci_errors(result, ["a", "b"], "win", [0.5, 0.9]) is None
+
+
 def test_last_rows_per_split():
     rows = [{"step": 1, "split": "train"}, {"step": 2, "split": "validation"}, {"step": 2, "split": "train"}]
     assert report.last_rows(rows) == {"train": rows[2], "validation": rows[1]}
@@ -139,22 +169,28 @@ def test_report_holds_every_section_and_plot(written):
     md = md_path.read_text()
     images = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", md)
     assert images == ["plots/loss.png", "plots/reward_accuracy.png", "plots/margins.png", "plots/rewards.png",
-                      "plots/lr.png", "plots/eval_preference.png", "plots/eval_results.png"]
+                      "plots/lr.png", "plots/eval_gen_qa_results.png", "plots/eval_preference_results.png"]
     for image in images:
         assert (run / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # recipe, data summary (nested keys flattened), skipped rows
     assert "| training_config.model.dpo_cfg.beta | 0.1 |" in md
     assert "| prompt_tokens.p95 | 480 |" in md and "| rows.hh | 90 |" in md
     assert "3 row(s) skipped" in md
-    # evaluation table: metrics x models, relative change as a percentage, n
+    # evaluation: each task once (eval/results.json repeats gen_qa's), metrics x models, changes as percentages
+    assert re.findall(r"^### .*$", md, re.M) == ["### gen_qa (eval/gen_qa/results.json)",
+                                                 "### preference (eval/preference/results.json)"]
+    assert "| metric | base | tuned | change vs base |" in md
+    assert "| exact_match | 0 | 0.125 | n/a |" in md
     assert "| f1 | 0.25 | 0.5 | +100.0% |" in md
-    assert "| exact_match | 0 | 0.125 |  |" in md
-    assert "| n | 32 | 32 |  |" in md
+    assert "| n | 32 | 32 |  |\n| truncated | 2 | 0 |  |\n| truncated_rate | 0.0625 | 0 |  |" in md
+    assert "Models: base = `/models/base`; tuned = `/runs/tiny-run/model`" in md
+    assert "Data: path data/qa.jsonl, rows 32, skipped 0" in md
     assert "eval/config.json is not an evaluation result" in md
     # examples side by side, the first three of five, escaped
     assert "Examples (3 of 5)" in md
     assert "| prompt | reference | base | tuned |" in md
-    assert r"Question 0: what is \| a \*pipe\*?<br>Second line &lt;b&gt; | ref 0 | base answer 0 | tuned answer 0 |" in md
+    assert (r"| Question 0: what is \| a \*pipe\*?<br>Second line &lt;b&gt; | ref 0 | base answer 0 "
+            r"| tuned answer 0 |") in md
     assert "Question 3" not in md
     # last logged values per split
     assert "| validation | 12 | 0.58 |" in md
@@ -182,6 +218,14 @@ def test_missing_pieces_are_lines_not_crashes(tmp_path):
     assert "data_summary.json could not be read" in md
     assert "1 malformed line(s) left out: metrics.jsonl:13" in md
     assert "(validation)" not in md
+
+
+def test_title_names_the_run_from_its_recipe_wherever_it_is_staged(tmp_path):
+    run = make_run(tmp_path, evaluation=False).rename(tmp_path / "raydpo-run-x1y2")
+    md = report.write_report(run, source="s3://bucket/out/tiny-run")[0].read_text()
+    assert md.startswith("# raydpo report: tiny-run\n\nRun: `s3://bucket/out/tiny-run`")
+    (run / "recipe.yaml").write_text("just a string")
+    assert report.write_report(run)[0].read_text().startswith("# raydpo report: raydpo-run-x1y2\n")
 
 
 def test_a_run_with_only_a_recipe_still_reports(tmp_path):

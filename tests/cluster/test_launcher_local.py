@@ -1,0 +1,68 @@
+"""`ray up` a cluster from cluster/local.yaml (head + 2 worker nodes), run a job on it, `ray down`, all real.
+
+Runs in a sandbox (tests/cluster/sandbox.py): `ray down` runs `ray stop`, which would otherwise kill every Ray
+process on this shared machine.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from tests.cluster import sandbox
+from tests.cluster.headnode import ROOT_OF_REPO
+
+# What runs on the cluster: one task per worker node, spread, each reporting the node it ran on.
+JOB = textwrap.dedent("""
+    import json, socket
+    import ray
+    ray.init()
+    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    def where():
+        return ray.util.get_node_ip_address()
+    ips = sorted(ray.get([where.remote() for _ in range(4)]))
+    nodes = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+    print("JOB-RESULT " + json.dumps({"task_ips": ips, "nodes": nodes}))
+""")
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from cluster.launcher import check_cluster_config, load_cluster_yaml, run_on_new_cluster, with_replicas
+    config = with_replicas(load_cluster_yaml("cluster/local.yaml"), 2)
+    check_cluster_config(config, "cluster/local.yaml")
+    lines = []
+    def say(line):
+        lines.append(line)
+        print(line, flush=True)
+    result = run_on_new_cluster(config, entrypoint=sys.argv[1], working_dir=Path("."), replicas=2,
+                                keep_cluster=False, log_dir=Path(sys.argv[2]), say=say, nodes_timeout_s=600)
+    print("DRIVER-RESULT " + json.dumps(result))
+""")
+
+
+@pytest.mark.slow
+def test_ray_up_runs_the_job_on_the_local_cluster_and_ray_down_removes_it(tmp_path):
+    reason = sandbox.unavailable_reason()
+    if reason:
+        pytest.skip(f"local launcher cluster: {reason}")
+    entrypoint = f"python -c {json.dumps(JOB)}"
+    run = sandbox.run_in_sandbox([sys.executable, "-c", DRIVER, entrypoint, str(tmp_path / "launch")],
+                                 cwd=ROOT_OF_REPO, timeout=900)
+    out = run.stdout
+    log = (tmp_path / "launch" / "launcher.log")
+    context = out[-4000:] + run.stderr[-4000:] + (log.read_text()[-4000:] if log.exists() else "")
+    assert run.returncode == 0, context
+    # the cluster came up with the head and both worker nodes
+    assert "nodes up: 3/3" in out, context
+    # the job ran on it: its tasks landed on the two worker nodes (the head has no CPUs for them)
+    job = json.loads(next(l for l in out.splitlines() if l.startswith("JOB-RESULT ")).split(" ", 1)[1])
+    assert job["nodes"] == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert set(job["task_ips"]) == {"127.0.0.2", "127.0.0.3"}
+    result = json.loads(next(l for l in out.splitlines() if l.startswith("DRIVER-RESULT ")).split(" ", 1)[1])
+    assert result["status"] == "SUCCEEDED"
+    # and it is gone afterwards: `ray down` ran, and no Ray process is left in the sandbox
+    assert "cluster down" in out
+    assert sandbox.leftovers(out) == [], context

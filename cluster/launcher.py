@@ -190,11 +190,15 @@ def ray_cli(args: list[str], env: dict, *, log: Path | None = None, capture: boo
                           stdin=subprocess.DEVNULL)
 
 
-def tail(path: Path, lines: int = 25) -> list[str]:
+def tail(path: Path, lines: int = 12) -> list[str]:
+    """The launcher output's error lines (Ray's ERR/PANIC/Error...), else its last lines, colour codes removed."""
     try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))
     except OSError:
         return []
+    all_lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in all_lines if re.search(r"\b(ERR|PANIC|Error|error:|failed)\b", line)]
+    return (errors or all_lines)[-lines:]
 
 
 def free_port() -> int:
@@ -266,11 +270,11 @@ def run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, work
         if keep_cluster:
             say(f"cluster {name} kept (--keep-cluster): bring it down with `ray down -y {config_path}`")
         else:
-            bring_down(config_path, env, log, say)
+            bring_down(config_path, name, env, log, say)
 
 
-def bring_down(config_path: Path, env: dict, log: Path, say: Say) -> None:
-    say(f"cluster {config_path.stem}: `ray down`")
+def bring_down(config_path: Path, name: str, env: dict, log: Path, say: Say) -> None:
+    say(f"cluster {name}: `ray down`")
     try:
         down = ray_cli(["down", "-y", str(config_path)], env, log=log, timeout=600)
         ok = down.returncode == 0

@@ -1,41 +1,197 @@
 """Checkpoints through Ray Train: every rank's ZeRO-3 shard, optimizer, scheduler, RNG, step and data position.
 
-Ray Train persists a reported checkpoint only after every worker has uploaded its part, and records it in its run
-state last: that record is what makes a checkpoint complete, so a half-written one is never resumed from.
+Layout of one checkpoint (a folder Ray Train names checkpoint_<time> under <run>/ray_train/):
+  state/...                 DeepSpeed's files: each rank's ZeRO-3 partition of the trainable weights, optimizer
+                            and scheduler (LoRA: the adapters only; the frozen base comes from the model source)
+  rng_rank<r>.pt            each rank's Python, NumPy and torch RNG state
+  raydpo_state.json         (rank 0) step, epoch, micro-batches consumed this epoch, samples consumed, world size,
+                            and the plan the data position depends on
+  complete_rank<r>.json     each rank's files with their sizes, uploaded after all of them: the completeness marker
+
+A checkpoint is complete when every rank's marker is there and every file it lists has the listed size. Ray Train
+registers a checkpoint in its run snapshot only after every rank has uploaded; the markers make the same check
+possible for a folder named by hand (`--resume-from`) or found by listing (a driver that died before Ray wrote its
+snapshot). A half-written checkpoint is never resumed from.
+
+Uploads run in Ray Train's background thread (CheckpointUploadMode.ASYNC): training goes on while a checkpoint is
+written. Each file is retried on transient errors; a permanent one becomes a StorageError naming the path.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training import storage
+from training.errors import ConfigError, StorageError
+
 TAG = "state"
+STATE_FILE = "raydpo_state.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
+CHECKPOINT_PREFIX = "checkpoint_"
+# What the saved data position means: resuming under a different value would skip the wrong examples.
+PLAN_KEYS = ("workers", "micro_batch", "accum", "micro_steps_per_epoch", "total_steps", "train_pairs",
+             "shuffle_buffer", "seed")
 
 
-def save_and_report(engine, state: dict, reports: list[dict], rank: int) -> None:
+def marker_name(rank: int) -> str:
+    return f"complete_rank{rank}.json"
+
+
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+# ---------------------------------------------------------------- pure arithmetic
+
+def samples_consumed(epoch: int, micro_in_epoch: int, micro_steps_per_epoch: int, micro_batch: int,
+                     workers: int) -> int:
+    """Training pairs consumed since the run began, across all workers: the data position."""
+    return (epoch * micro_steps_per_epoch + micro_in_epoch) * micro_batch * workers
+
+
+def restarts(train_steps: list[int], resumed_from: int = 0) -> list[dict]:
+    """Each restart seen in the logged train steps: the step reached, the checkpoint step training went on from
+    and the steps lost (to train again). A step that does not follow the one before it is a restart."""
+    found, previous = [], resumed_from
+    for step in train_steps:
+        if step != previous + 1:
+            found.append({"at_step": previous, "resumed_from_step": step - 1, "steps_lost": previous - (step - 1)})
+        previous = step
+    return found
+
+
+def plan_fingerprint(plan: dict, seed: int) -> dict:
+    return {k: plan[k] for k in PLAN_KEYS if k != "seed"} | {"seed": seed}
+
+
+def plan_mismatches(saved: dict, current: dict) -> list[str]:
+    """The plan values a checkpoint was written under that differ now, one line each."""
+    return [f"{k}: the checkpoint was written with {saved[k]!r}, this run has {current[k]!r}"
+            for k in PLAN_KEYS if k in saved and k in current and saved[k] != current[k]]
+
+
+def checkpoint_to_restore(ray_checkpoint_name: str | None, ray_checkpoint_uri: str | None,
+                          name_at_start: str | None, resume_from: str | None) -> str | None:
+    """Which checkpoint a worker loads. A checkpoint that Ray hands over and that was registered by this run (after a
+    worker-group restart) wins; otherwise the one the driver chose (found by itself, or --resume-from), else none.
+    Ray also hands over the latest checkpoint of an earlier run under the same name: the driver's choice covers it."""
+    if ray_checkpoint_name is not None and ray_checkpoint_name != name_at_start:
+        return ray_checkpoint_uri
+    return resume_from
+
+
+# ---------------------------------------------------------------- worker side: save
+
+def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int, plan: dict, seed: int,
+                     lora: bool) -> None:
+    """Writes this rank's part of a checkpoint into a local folder, its completeness marker last."""
+    engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=lora)  # collective; LoRA: adapters only
+    torch.save(rng_state(), Path(folder) / rng_name(rank))
+    if rank == 0:
+        saved = state | {"samples_consumed": samples_consumed(state["epoch"], state["micro_in_epoch"],
+                                                              plan["micro_steps_per_epoch"], plan["micro_batch"],
+                                                              world),
+                         "world_size": world, "lora": lora, "plan": plan_fingerprint(plan, seed)}
+        (Path(folder) / STATE_FILE).write_text(json.dumps(saved, indent=1))
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+    (Path(folder) / marker_name(rank)).write_text(json.dumps({"rank": rank, "files": listing}))
+
+
+def save_and_report(engine, state: dict, reports: list[dict], *, rank: int, world: int, plan: dict, seed: int,
+                    lora: bool) -> None:
+    """Saves a checkpoint and reports it with this step's metrics; the upload runs while training goes on."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=TAG)  # collective: each rank writes its own shard files
-        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(tmp) / "raydpo_state.json").write_text(json.dumps(state))
-        ray.train.report({"reports": reports, "checkpoint_step": state["step"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    folder = tempfile.mkdtemp(prefix="raydpo-ckpt-")  # Ray deletes it once uploaded
+    write_checkpoint(engine, folder, state, rank=rank, world=world, plan=plan, seed=seed, lora=lora)
+    ray.train.report({"reports": reports, "checkpoint_step": state["step"]},
+                     checkpoint=ray.train.Checkpoint.from_directory(folder),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=partial(upload_checkpoint, run_uri=plan["run_uri"]))
 
 
-def restore(engine, checkpoint, rank: int) -> dict:
-    with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        state = json.loads((Path(folder) / "raydpo_state.json").read_text())
-        rng_file = Path(folder) / f"rng_rank{rank}.pt"
+def report(metrics: dict) -> None:
+    """Metrics without a checkpoint. ASYNC too: Ray keeps reports in order, and a synchronous report would wait for
+    a checkpoint upload still in flight."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+def upload_checkpoint(checkpoint, dir_name: str, *, run_uri: str):
+    """Ray Train's checkpoint_upload_fn: copies this rank's files with retries, its marker after all of them."""
+    import ray.train
+
+    run_storage = ray.train.get_context().get_storage()
+    target = run_storage.build_checkpoint_path_from_name(dir_name)
+    upload_folder(checkpoint.path, storage.uri_for(target, run_uri))
+    return ray.train.Checkpoint(path=target, filesystem=run_storage.storage_filesystem)
+
+
+def upload_folder(local_dir: str, uri: str, *, retry: storage.RetryPolicy = storage.DEFAULT_RETRY) -> None:
+    """Every file under local_dir to uri, each retried on its own; marker files go last, so a folder whose markers
+    are all there holds everything they list."""
+    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    markers = [p for p in files if p.name.startswith("complete_rank")]
+    fs, root = storage.filesystem_for(uri)
+    for source in [p for p in files if p not in markers] + markers:
+        relative = source.relative_to(local_dir).as_posix()
+        target_uri = uri.rstrip("/") + "/" + relative
+        storage.with_retries(f"upload checkpoint file {source.name} to", target_uri,
+                             partial(fs.put_file, str(source), root.rstrip("/") + "/" + relative), retry=retry)
+
+
+# ---------------------------------------------------------------- worker side: restore
+
+def restore_if_resuming(engine, plan: dict, rank: int) -> dict | None:
+    """Restores the checkpoint this worker should start from (see checkpoint_to_restore); None: from scratch."""
+    import ray.train
+
+    handed = ray.train.get_checkpoint()
+    chosen = checkpoint_to_restore(Path(handed.path).name if handed else None,
+                                   storage.uri_for(handed.path, plan["run_uri"]) if handed else None,
+                                   plan.get("ray_checkpoint_at_start"), plan.get("resume_from"))
+    return restore(engine, chosen, rank) if chosen else None
+
+
+def restore(engine, uri: str, rank: int) -> dict:
+    """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state."""
+    with local_copy(uri) as folder:
+        engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                               load_module_strict=False)  # LoRA checkpoints hold no frozen base weights
+        saved = json.loads((Path(folder) / STATE_FILE).read_text())
+        rng_file = Path(folder) / rng_name(rank)
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+    return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")}
+
+
+class local_copy:
+    """The checkpoint as a local folder: the folder itself when local, else a downloaded copy removed after."""
+
+    def __init__(self, uri: str):
+        self.uri, self.tmp = uri, None
+
+    def __enter__(self) -> str:
+        if not storage.is_remote(self.uri):
+            return storage.filesystem_for(self.uri)[1]
+        self.tmp = tempfile.TemporaryDirectory(prefix="raydpo-restore-")
+        storage.download_dir(self.uri, self.tmp.name)
+        return self.tmp.name
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def rng_state() -> dict:
@@ -46,3 +202,169 @@ def set_rng_state(saved: dict) -> None:
     random.setstate(saved["python"])
     np.random.set_state(saved["numpy"])
     torch.set_rng_state(saved["torch"])
+
+
+# ---------------------------------------------------------------- driver side: find, check
+
+def missing_parts(uri: str) -> list[str]:
+    """What keeps the checkpoint at uri from being complete; [] when it is complete."""
+    fs, root = storage.filesystem_for(uri)
+    root = root.rstrip("/")
+    found = storage.with_retries("list", uri, lambda: _sizes(fs, root))
+    if STATE_FILE not in found:
+        return [f"{STATE_FILE} (rank 0's step and data position)"]
+    saved = json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}"))
+    problems = []
+    for rank in range(saved["world_size"]):
+        if marker_name(rank) not in found:
+            problems.append(f"{marker_name(rank)} (rank {rank} did not finish writing)")
+            continue
+        listing = json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{marker_name(rank)}"))["files"]
+        problems += [f"{name} (rank {rank}: {'missing' if name not in found else 'truncated'})"
+                     for name, size in sorted(listing.items()) if found.get(name) != size]
+    return problems
+
+
+def _sizes(fs, root: str) -> dict[str, int]:
+    try:
+        return {path[len(root) + 1:]: info["size"] for path, info in fs.find(root, detail=True).items()}
+    except FileNotFoundError:
+        return {}
+
+
+def read_state(uri: str) -> dict:
+    return json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}"))
+
+
+def snapshot_latest(ray_train_uri: str) -> str | None:
+    """The folder name of the latest checkpoint in Ray Train's run snapshot (what Ray hands the workers)."""
+    snapshot_uri = f"{ray_train_uri.rstrip('/')}/{SNAPSHOT_FILE}"
+    if not storage.exists(snapshot_uri):
+        return None
+    latest = json.loads(storage.read_bytes(snapshot_uri)).get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def latest_complete(ray_train_uri: str) -> tuple[str, dict] | None:
+    """(uri, saved state) of the complete checkpoint with the highest step under the run's Ray Train folder."""
+    best = None
+    for uri in storage.list_dirs(ray_train_uri):
+        if not uri.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX) or missing_parts(uri):
+            continue
+        saved = read_state(uri)
+        if best is None or (saved["step"], uri) > (best[1]["step"], best[0]):
+            best = (uri, saved)
+    return best
+
+
+def resume_point(ray_train_uri: str, explicit: str | None) -> dict:
+    """What a run starts from: {"uri", "state"} of the checkpoint to load (None: from scratch) and "ray_latest", the
+    checkpoint Ray's snapshot would hand over (the workers tell it apart from the ones this run writes)."""
+    ray_latest = snapshot_latest(ray_train_uri)
+    if explicit:
+        # workers run elsewhere (another directory, another node): a local path must be absolute
+        explicit = explicit.rstrip("/") if storage.is_remote(explicit) else storage.filesystem_for(explicit)[1]
+        if not storage.exists(explicit):
+            raise StorageError(f"--resume-from {explicit}: nothing there", why="the path does not exist",
+                               fix=f"give a checkpoint folder, e.g. one of {ray_train_uri}/checkpoint_*")
+        missing = missing_parts(explicit)
+        if missing:
+            raise ConfigError(f"--resume-from {explicit} is not a complete checkpoint", problems=missing,
+                              why="its writing was cut off (or it is not a raydpo checkpoint); a half-written "
+                                  "checkpoint is never resumed from",
+                              fix=f"pick another checkpoint_* folder under {ray_train_uri}, or leave --resume-from "
+                                  "out to resume from the latest complete one")
+        return {"uri": explicit, "state": read_state(explicit), "ray_latest": ray_latest}
+    found = latest_complete(ray_train_uri)
+    return {"uri": found[0] if found else None, "state": found[1] if found else None, "ray_latest": ray_latest}
+
+
+def check_resumable(saved: dict, plan: dict, seed: int, uri: str) -> None:
+    """ConfigError when the checkpoint cannot continue under this plan (replica count, batch split, data)."""
+    current = plan_fingerprint(plan, seed)
+    problems = plan_mismatches(saved.get("plan", {}), current)
+    if not problems:
+        return
+    if saved["plan"]["workers"] != current["workers"]:
+        why = (f"the checkpoint holds {saved['plan']['workers']} ZeRO-3 partitions (one per worker) and this run has "
+               f"{current['workers']} workers; raydpo does not reshard checkpoints (no DeepSpeed universal "
+               "checkpoint conversion)")
+        fix = (f"resume with the checkpoint's replica count (--replicas {saved['plan']['workers']} on CPU, or the "
+               "same GPUs per node and replicas), or start a new run (a new run.name)")
+    else:
+        why = "the data position saved in the checkpoint only means the same thing under the same plan"
+        fix = "resume with the recipe the checkpoint was written under, or start a new run (a new run.name)"
+    raise ConfigError(f"cannot resume from {uri}", problems=problems, why=why, fix=fix)
+
+
+def metrics_until(run_uri: str, step: int) -> list[dict]:
+    """The rows of the run's metrics.jsonl up to and including `step`: the curve a resumed run continues."""
+    metrics_uri = f"{run_uri.rstrip('/')}/metrics.jsonl"
+    if step <= 0 or not storage.exists(metrics_uri):
+        return []
+    rows = [json.loads(line) for line in storage.read_bytes(metrics_uri).decode().splitlines() if line.strip()]
+    return [row for row in rows if row["step"] <= step]
+
+
+# ---------------------------------------------------------------- driver side: a finished run
+
+def flat_items(tree: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every leaf of a nested dict."""
+    items = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            items |= flat_items(value, f"{prefix}{key}.")
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def recipe_differences(before: dict, now: dict) -> list[str]:
+    old, new = flat_items(before), flat_items(now)
+    return [f"{key}: {old.get(key)!r} then, {new.get(key)!r} now" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def finished_run(run_uri: str, recipe: dict, resume_from: str | None) -> dict | None:
+    """The summary of the finished run at run_uri when this is a rerun of it (a job retry); None when there is none
+    or --resume-from asks to train again. ConfigError when another recipe finished under the same run.name."""
+    import yaml
+
+    run_uri = run_uri.rstrip("/")
+    if not storage.exists(f"{run_uri}/manifest.json"):
+        return None
+    if resume_from:
+        storage.remove(f"{run_uri}/manifest.json")  # the folder is being rewritten: no longer a finished run
+        return None
+    saved = yaml.safe_load(storage.read_bytes(f"{run_uri}/recipe.yaml"))
+    changed = recipe_differences(saved, yaml.safe_load(yaml.safe_dump(recipe, sort_keys=False)))
+    if changed:
+        raise ConfigError(f"{run_uri} already holds a finished run of another recipe", problems=changed,
+                          why="run.name names one run: its outputs and checkpoints belong to the recipe that "
+                              "wrote them",
+                          fix="choose a new run.name (or output_s3_path), or delete that folder to train again")
+    return json.loads(storage.read_bytes(f"{run_uri}/summary.json"))
+
+
+# ---------------------------------------------------------------- test instrumentation (off unless asked for)
+
+TRACE_DIR_ENV = "RAYDPO_TRACE_DIR"            # a local folder: each rank appends one line per step
+TRACE_HOLD_ENV = "RAYDPO_TRACE_HOLD_AT_STEP"  # pause once after this step until <dir>/release exists
+
+
+def trace_step(step: int, rank: int, sources: list[str], *, hold_timeout_s: float = 300.0) -> None:
+    """Lets failure tests see which pairs each step trained on and which process to kill; a no-op unless
+    RAYDPO_TRACE_DIR is set in the workers' environment."""
+    folder = os.environ.get(TRACE_DIR_ENV)
+    if not folder:
+        return
+    line = {"step": step, "rank": rank, "pid": os.getpid(), "sources": [str(s) for s in sources],
+            "time": time.time()}
+    with open(Path(folder) / f"trace_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    held = Path(folder) / f"held_rank{rank}"
+    if os.environ.get(TRACE_HOLD_ENV) == str(step) and not held.exists():
+        held.touch()
+        deadline = time.time() + hold_timeout_s
+        while not (Path(folder) / "release").exists() and time.time() < deadline:
+            time.sleep(0.2)

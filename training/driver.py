@@ -14,24 +14,34 @@ from typing import Callable
 
 import yaml
 
-from training import storage
+from training import checkpoint as ckpt
+from training import storage, tracking
 from training.data import pipeline
 from training.errors import DataError, RaydpoError
 from training.manifest import write_manifest
-from training.trainer import ProgressCallback, build_trainer, format_progress, format_validation, plan_run, run_uri
+from training.trainer import (RAY_TRAIN_DIR, ProgressCallback, build_trainer, format_progress, format_validation,
+                              plan_run, run_uri)
 
 PROBE_PAIRS = 4
 METRIC_KEYS = ("step", "epoch", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s",
-               "padding_waste", "elapsed_s")
+               "padding_waste", "real_tokens", "elapsed_s")
 
 
 def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False, gpus_per_node: int = 1,
-               placement_strategy: str = "PACK") -> dict:
+               placement_strategy: str = "PACK", resume_from: str | None = None,
+               plan_overrides: dict | None = None) -> dict:
+    """plan_overrides: plan keys to replace (benchmarks/vs_trl.py turns the optimisations off with it)."""
     tc = recipe["training_config"]
     data_cfg = tc["data"]
     uri = run_uri(recipe)
-    staging = Path(tempfile.mkdtemp(prefix="raydpo-run-"))
+    finished = ckpt.finished_run(uri, recipe, resume_from)  # a rerun of a finished run (a job retry): nothing to do
+    if finished is not None:
+        say(f"run {recipe['run']['name']} is already complete at {uri} (manifest.json): nothing to train")
+        return finished
+    # local outputs are written in place (MLflow's file store records absolute paths); remote ones staged, uploaded
+    staging = Path(tempfile.mkdtemp(prefix="raydpo-run-")) if storage.is_remote(uri) else Path(uri)
+    staging.mkdir(parents=True, exist_ok=True)
 
     # ---- data: every file listed, every row parsed once, bad rows reported before any training starts
     train_files = storage.list_data_files(recipe["run"]["data_s3_path"])
@@ -64,7 +74,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                                   else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
     probe = probe_pairs(train_files, recipe, fraction)
     plan = plan_run(recipe, train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs,
-                    on_gpu=on_gpu, gpus_per_node=gpus_per_node, probe=probe)
+                    on_gpu=on_gpu, gpus_per_node=gpus_per_node, probe=probe) | (plan_overrides or {})
     if plan["total_steps"] == 0:
         raise DataError(f"{summary.train_pairs} training pairs make no full step of "
                         f"global_batch_size={tc['global_batch_size']}",
@@ -73,6 +83,23 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
         del datasets["validation"]
     say(f"plan: {plan['workers']} worker(s) × micro batch {plan['micro_batch']} × accumulation {plan['accum']} = "
         f"{tc['global_batch_size']} pairs per step, {plan['total_steps']} steps, reference: {plan['reference']}")
+    if plan["reference"] == "precompute":  # reference log-probs ahead of training, cached (training/reference.py)
+        from training.reference import file_fingerprints, precompute_reference
+
+        datasets, plan["reference_precompute"] = precompute_reference(
+            datasets, recipe, key_parts={"train": file_fingerprints(train_files), "validation":
+                                         file_fingerprints(val_files)},
+            on_gpu=on_gpu, actors=plan["workers"] if on_gpu else 1, chunk_size=plan["logprob_chunk"], say=say)
+
+    # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
+    resume = ckpt.resume_point(f"{uri}/{RAY_TRAIN_DIR}", resume_from)
+    plan |= {"resume_from": resume["uri"], "ray_checkpoint_at_start": resume["ray_latest"]}
+    resumed_step = resume["state"]["step"] if resume["uri"] else 0
+    if resume["uri"]:
+        ckpt.check_resumable(resume["state"], plan, tc["seed"], resume["uri"])
+        say(f"resuming from {resume['uri']}: step {resumed_step}/{plan['total_steps']}, "
+            f"{resume['state']['samples_consumed']} pairs consumed")
+    earlier_rows = ckpt.metrics_until(uri, resumed_step)  # the interrupted run's curve up to the checkpoint
 
     # ---- train: the workers report every step; the driver prints and records
     (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -87,15 +114,20 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(fit(trainer)), daemon=True)
     runner.start()
-    metrics_rows, final = [], {}
+    metrics_rows, final, worker_failures = list(earlier_rows), {}, 0
+    trackers = tracking.open_trackers(str(staging), recipe)
     with open(staging / "metrics.jsonl", "w") as metrics_file:
+        metrics_file.writelines(json.dumps(row) + "\n" for row in earlier_rows)
+        metrics_file.flush()
         while runner.is_alive() or not progress.empty():
             try:
                 event = progress.get(timeout=0.5)
             except queue_module.Empty:
                 continue
             if "exception" in event:
-                say(f"worker failure: {list(event['exception'].values())[0][:300]}")
+                worker_failures += 1
+                say(f"worker failure {worker_failures} (max_failures={tc['max_failures']}; a restart goes on from "
+                    f"the last complete checkpoint): {list(event['exception'].values())[0][:300]}")
                 continue
             report = event["metrics"]
             for row in report.get("reports", []):
@@ -103,11 +135,15 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 metrics_rows.append(row)
+                tracking.log_metrics(trackers, tracking.row_metrics(row), row["step"])
                 say(format_progress(row | {"elapsed_s": row.get("elapsed_s", time.time() - started)})
                     if row["split"] == "train" else format_validation(row))
+            if event.get("checkpoint") and storage.is_remote(uri):  # the curve so far survives a driver failure
+                storage.write_bytes(f"{uri}/metrics.jsonl", (staging / "metrics.jsonl").read_bytes())
             if report.get("final"):
                 final = report
     runner.join()
+    tracking.close(trackers, status="FAILED" if "error" in outcome else "FINISHED")
     if "error" in outcome:
         raise outcome["error"]
 
@@ -117,10 +153,13 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
               "wall_s": time.time() - started, "train_pairs": summary.train_pairs,
               "final_train": train_rows[-1] if train_rows else None,
               "final_validation": next((r for r in reversed(metrics_rows) if r["split"] == "validation"), None),
-              "plan": {k: v for k, v in plan.items() if k != "probe"}}
+              "plan": {k: v for k, v in plan.items() if k != "probe"},
+              "resumed_from": {"checkpoint": resume["uri"], "step": resumed_step} if resume["uri"] else None,
+              "worker_failures": worker_failures, "restarts": ckpt.restarts([r["step"] for r in train_rows])}
     (staging / "summary.json").write_text(json.dumps(result, indent=2))
     (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
-    storage.upload_dir(str(staging), uri)
+    if storage.is_remote(uri):
+        storage.upload_dir(str(staging), uri)
     write_report_quietly(uri, say)
     write_manifest(uri)
     return result

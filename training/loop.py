@@ -20,9 +20,10 @@ import torch
 
 from training import checkpoint as ckpt
 from training import ds_config
-from training.batch import collate_pairs
+from training.batch import collate_packed, collate_pairs
+from training.data.pipeline import grouped_micro_batches
+from training.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
-from training.logprobs import sequence_logps, token_logps
 from training.models import dropout_overrides, load_config, load_tokenizer, lora_config, resolve_model_source
 
 # Sums that are all-reduced across workers each step; metrics are ratios of these.
@@ -60,6 +61,8 @@ def train_loop(config: dict) -> None:
                                                              ("hidden_dropout", "attention_dropout", "ffn_dropout")})
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
+    if plan["logps_head"]:
+        add_logps_head(policy)  # before PEFT wraps it: the adapters' forward reaches the patched one
     if lora:
         policy = wrap_lora(policy, model_cfg["peft"]["lora_tuning"], dtype, tc["gradient_checkpointing"])
     elif tc["gradient_checkpointing"]:
@@ -75,28 +78,30 @@ def train_loop(config: dict) -> None:
     reference = None
     if plan["reference"] == "engine":
         ref_model, _ref_hf_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
+        if plan["logps_head"]:
+            add_logps_head(ref_model)
         reference, *_ = deepspeed.initialize(model=ref_model, config=ds_config.reference_config(engine_config))
         reference.eval()
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0}
-    restored = ray.train.get_checkpoint()
-    if restored:
-        state = ckpt.restore(engine, restored, rank)
+    # resuming: after a worker-group restart, a driver rerun or --resume-from (the step, epoch and data position)
+    state = ckpt.restore_if_resuming(engine, plan, rank) or {"step": 0, "epoch": 0, "micro_in_epoch": 0}
 
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    collate = collate_packed if plan["packing"] else partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+
+    def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
+        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
     loss_settings = dict(loss_type=dpo["loss_type"], beta=dpo["beta"], label_smoothing=dpo["label_smoothing"])
 
     def pair_logps(batch, model, with_grad):
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.no_grad() if not with_grad else nullcontext():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["input_ids"][:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, -100)
-            logps, counts = sequence_logps(token_logps(logits[:, :-1], labels, plan["logprob_chunk"]),
-                                           batch["loss_mask"][:, 1:])
+            logps, counts = sequence_logps_of(model, batch, chunk_size=plan["logprob_chunk"], head=plan["logps_head"])
         half = logps.shape[0] // 2
         return logps[:half], logps[half:], counts[:half], counts[half:]
 
     def reference_logps(batch):
+        if plan["reference"] == "precompute":  # computed ahead of training by training/reference.py
+            return batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device)
         if reference is not None:
             return pair_logps(batch, reference, with_grad=False)[:2]
         with engine.module.disable_adapter():  # LoRA: the base without adapters is the reference
@@ -119,8 +124,13 @@ def train_loop(config: dict) -> None:
         return loss, sums
 
     def batches(split: str, epoch: int):
+        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
+            return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
+                                         buffer_size=plan["group_buffer"], collate=collate_with_sources,
+                                         seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
+                                         else None)
         return ray.train.get_dataset_shard(split).iter_torch_batches(
-            batch_size=plan["micro_batch"], collate_fn=collate, drop_last=True,
+            batch_size=plan["micro_batch"], collate_fn=collate_with_sources, drop_last=True,
             local_shuffle_buffer_size=plan["shuffle_buffer"] if split == "train" else None,
             local_shuffle_seed=tc["seed"] + epoch if split == "train" else None)
 
@@ -137,7 +147,7 @@ def train_loop(config: dict) -> None:
     started = time.time()
     probe_logps = None
     while state["step"] < plan["total_steps"]:
-        step_sums, step_started = dict.fromkeys(SUMS, 0.0), time.time()
+        step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         skip = state["micro_in_epoch"]  # resuming mid-epoch: batches this epoch already trained on
         for micro, batch in enumerate(batches("train", state["epoch"])):
             if micro < skip:
@@ -149,6 +159,7 @@ def train_loop(config: dict) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             step_sums = add_sums(step_sums, sums)
+            step_sources += batch["sources"]
             state["micro_in_epoch"] = micro + 1
             if not boundary:
                 continue
@@ -163,10 +174,12 @@ def train_loop(config: dict) -> None:
                 reports.append(validate() | {"step": state["step"]})
             if plan["checkpoint_every"] and state["step"] % plan["checkpoint_every"] == 0 \
                     and state["step"] < plan["total_steps"]:
-                ckpt.save_and_report(engine, state, reports, rank)
+                ckpt.save_and_report(engine, state, reports, rank=rank, world=world, plan=plan, seed=tc["seed"],
+                                     lora=lora)
             else:
-                ray.train.report({"reports": reports})
-            step_sums, step_started = dict.fromkeys(SUMS, 0.0), time.time()
+                ckpt.report({"reports": reports})
+            ckpt.trace_step(state["step"], rank, step_sources)
+            step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         state["epoch"] += 1
         state["micro_in_epoch"] = 0
 
@@ -177,8 +190,11 @@ def train_loop(config: dict) -> None:
         probe = collate({k: plan["probe"][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
         chosen, rejected, _, _ = pair_logps(probe, engine.module, with_grad=False)
         probe_logps = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+        if plan["reference"] in ("engine", "adapter_disabled"):  # the reference as training ended: LoRA's base
+            ref_chosen, ref_rejected = reference_logps(probe)
+            probe_logps |= {"reference_chosen": ref_chosen.tolist(), "reference_rejected": ref_rejected.tolist()}
     save_final_model(engine, tokenizer, plan["model_uri"], rank, lora)
-    ray.train.report({"reports": final, "final": True, "probe_logps": probe_logps, "step": state["step"]})
+    ckpt.report({"reports": final, "final": True, "probe_logps": probe_logps, "step": state["step"]})
 
     # ---------------------------------------------------------------- clean up
     del engine, reference

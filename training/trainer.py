@@ -12,7 +12,7 @@ from ray.train import UserCallback
 from training import ds_config
 
 RAY_TRAIN_DIR = "ray_train"  # under the run's output: Ray Train's run state and checkpoints
-REFERENCE_DEFAULTS = {True: "adapter_disabled", False: "engine"}  # LoRA? -> reference strategy
+REFERENCE_DEFAULTS = {True: "adapter_disabled", False: "precompute"}  # LoRA? -> reference strategy
 
 
 def run_uri(recipe: dict) -> str:
@@ -47,6 +47,12 @@ def plan_run(recipe: dict, *, train_pairs: int, validation_pairs: int, on_gpu: b
         "checkpoint_every": tc["checkpoint"]["every_n_steps"],
         "reference": reference,
         "shuffle_buffer": tc["data"]["shuffle_buffer"] if tc["data"]["shuffle"] else None,
+        # length-aware batching: micro-batches of pairs of similar width, grouped within this many pairs
+        "length_grouping": True,
+        "group_buffer": tc["data"]["shuffle_buffer"],
+        # padding-free rows; pays off only with variable-length attention kernels (FlashAttention), so off here
+        "packing": False,
+        "logps_head": True,  # per-token log-probs of response positions only, never the [B, T, V] logits
         "logprob_chunk": 1024,
         "probe": probe,
         "model_uri": run_uri(recipe) + "/model",

@@ -171,14 +171,19 @@ def run_recipe(run: str | None) -> dict:
     return yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8")) or {}
 
 
-def _check_rows(rows: list, bad: list, path: str, on_error: str) -> dict:
+ROW_NEEDS = {
+    "preference": "every row must be a preference pair in a training data format",
+    "gen_qa": "every row needs a prompt (prompt, messages, query or question) and a reference answer (reference, "
+              "response or answer), or must be a preference pair (its chosen answer is the reference)",
+}
+
+
+def _check_rows(rows: list, bad: list, path: str, on_error: str, task: str) -> dict:
     if bad and on_error == "fail" or not rows:
         shown = [f"{source}: {reason}" for source, reason in bad[:20]]
         more = [f"... and {len(bad) - 20} more"] if len(bad) > 20 else []
         raise DataError(f"{path}: {len(bad)} bad row(s), {len(rows)} usable", problems=shown + more,
-                        why="every row needs a prompt and a reference answer (gen_qa, llm_judge: "
-                            f"{'/'.join(('prompt', 'messages', 'query', 'question'))} with "
-                            "reference/response/answer, or a preference pair) or must be a preference pair",
+                        why=ROW_NEEDS.get(task, ROW_NEEDS["gen_qa"]),
                         fix="fix the rows, or set evaluation.on_error=skip to leave them out (they are listed in "
                             "the results)")
     return {"path": path, "rows": len(rows), "skipped": len(bad),
@@ -196,7 +201,10 @@ def _cluster(recipe) -> tuple[int, bool, bool]:
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     device = recipe.inference.device
     if device == "gpu" and gpus == 0:
-        raise ConfigError("inference.device=gpu but the Ray cluster has no GPU", fix="set inference.device=auto")
+        if started:
+            ray.shutdown()
+        raise ConfigError("inference.device=gpu but the Ray cluster has no GPU",
+                          fix="set inference.device=auto (or cpu), or connect to a cluster with GPUs (RAY_ADDRESS)")
     use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
     limit = gpus if use_gpu else max(1, cpus)
     workers = min(recipe.run.replicas, limit)
@@ -218,7 +226,8 @@ def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
         return ADAPTER_DISABLED
     trained_from = (run_recipe(model["run"]).get("run") or {}).get("model_name_or_path")
     if trained_from:
-        return trained_from
+        # actors may run in another working directory: a local path travels absolute
+        return str(Path(trained_from).resolve()) if Path(trained_from).exists() else trained_from
     return first["path"] if first is not model else None
 
 
@@ -238,7 +247,7 @@ def read_data(recipe) -> tuple[list[dict], dict]:
     else:
         from training.eval.gen_qa import read_qa_rows as read
     rows, bad = read(path, fmt=ev.format, key_map=dict(ev.key_map), max_rows=ev.max_rows)
-    return rows, _check_rows(rows, bad, path, ev.on_error)
+    return rows, _check_rows(rows, bad, path, ev.on_error, ev.task)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
-"""`raydpo train RECIPE [dotted.key=value ...] [--overrides JSON] [--replicas N]`
+"""`raydpo train RECIPE [dotted.key=value ...] [--overrides JSON] [--replicas N] [--resume-from PATH]`
 
 Checks the recipe, the model's knobs and the data before any training starts, then runs the recipe on Ray Train:
 on the cluster this process is inside of (RAY_ADDRESS, or a Ray job), else on a local cluster started for the run
 and stopped after. The console shows raydpo's progress; Ray's and DeepSpeed's output goes to <run>/logs/ray.log.
+
+Running the same command again after a failure resumes from the latest complete checkpoint under the run's output
+path (<output>/<run.name>/ray_train/checkpoint_*); --resume-from picks one explicitly. A rerun of a finished run
+trains nothing and prints its result.
 """
 from __future__ import annotations
 
@@ -18,7 +22,14 @@ DATA_CPUS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_recipe_arguments(parser)
+    add_recipe_arguments(parser, extra_options=add_resume_option)
+
+
+def add_resume_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume-from", metavar="PATH",
+                        help="a checkpoint folder to continue from (local or s3://), e.g. "
+                             "<output>/<run.name>/ray_train/checkpoint_...; without it a run continues from its "
+                             "latest complete checkpoint by itself")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     recipe_obj, args = load_from_args(args)
     recipe = recipe_to_dict(recipe_obj)
     log_file = local_log_file(recipe)
-    result = train(recipe, log_file)
+    result = train(recipe, log_file, resume_from=getattr(args, "resume_from", None))
     final = result.get("final_train") or {}
     print(f"done: {result['steps']}/{result['planned_steps']} steps in {result['wall_s']:.0f}s, "
           f"final loss {final.get('loss', float('nan')):.4f}, reward accuracy "
@@ -36,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(recipe: dict, log_file: Path) -> dict:
+def train(recipe: dict, log_file: Path, resume_from: str | None = None) -> dict:
     from cluster.placement import placement_for
     from cluster.session import check_resources, ray_session
     from launcher.console import user_console
@@ -57,7 +68,7 @@ def train(recipe: dict, log_file: Path) -> dict:
             say(f"cluster: {'started here' if session['started_here'] else session['address']}, "
                 f"{nodes} node(s), placement {strategy}")
             result = run_recipe(recipe, say=say, on_gpu=gpus_per_node > 0, gpus_per_node=int(gpus_per_node) or 1,
-                                placement_strategy=strategy)
+                                placement_strategy=strategy, resume_from=resume_from)
     return result
 
 

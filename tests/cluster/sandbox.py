@@ -27,9 +27,9 @@ def unavailable_reason() -> str | None:
     """None when a sandbox can be made here, else why not (for pytest.skip)."""
     if os.geteuid() != 0:
         return "needs root: it makes PID/network/mount namespaces and runs sshd"
-    missing = [t for t in ("unshare", "ip", "sshd", "ssh", "ssh-keygen", "mount") if tool(t) is None]
+    missing = [t for t in ("unshare", "ip", "sshd", "ssh", "ssh-keygen", "mount", "rsync") if tool(t) is None]
     if missing:
-        return (f"missing {', '.join(missing)}: `apt-get install -y openssh-server openssh-client iproute2 "
+        return (f"missing {', '.join(missing)}: `apt-get install -y openssh-server openssh-client rsync iproute2 "
                 f"util-linux` (make setup)")
     probe = subprocess.run([tool("unshare"), "--pid", "--fork", "--mount-proc", "--net", "--mount", "true"],
                            capture_output=True, text=True)
@@ -40,8 +40,10 @@ def unavailable_reason() -> str | None:
 
 def prepare(root: Path) -> dict:
     """Keys, sshd config and a passwd whose root home is private; returns the paths the script needs."""
-    home, client, tmp_ray = root / "home", root / "client", root / "tmp-ray"
-    for folder in (home, client / ".ssh", tmp_ray):
+    # One home for the client and the nodes: ssh expands ~ in `-i ~/.ssh/...` from passwd, not from $HOME.
+    home, tmp_ray = root / "home", root / "tmp-ray"
+    client = home
+    for folder in (home / ".ssh", tmp_ray):
         folder.mkdir(parents=True, exist_ok=True)
     key = client / ".ssh" / "id_ed25519"
     subprocess.run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -87,7 +89,9 @@ ps -eo pid,args | grep -E 'raylet|gcs_server|dashboard/dashboard.py|ray::' | gre
 exit $rc
 """
     try:
-        return subprocess.run([tool("unshare"), "--pid", "--fork", "--mount-proc", "--net", "--mount", "bash", "-c",
+        # --kill-child: when unshare goes (a timeout kills it), the sandbox's first process and so all of it die
+        return subprocess.run([tool("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--mount",
+                               "bash", "-c",
                                script], capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}:{SBIN}"})
     finally:

@@ -148,11 +148,18 @@ def test_read_qa_rows_shapes(tmp_path):
             {"messages": [{"role": "user", "content": "q2"}], "reference": ["a2", "b2"]},
             {"prompt": "q3", "chosen": "good", "rejected": "bad"},                 # a preference pair
             {"question": "q4", "correct_answer": "direct", "answers": {"direct": "a4"}, "tools": []}]
+    nova_pair = {"messages": [{"role": "user", "content": [{"text": "q5"}]},
+                              {"role": "assistant", "candidates": [
+                                  {"content": [{"text": "a5"}], "preferenceLabel": "preferred"},
+                                  {"content": [{"text": "b5"}], "preferenceLabel": "non-preferred"}]}]}
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got, bad = gen_qa.read_qa_rows(str(data))
     assert bad == []
     assert [r["reference"] for r in got] == ["a1", ["a2", "b2"], "good", "a4"]
     assert [r["messages"][-1]["content"] for r in got] == ["q1", "q2", "q3", "q4"]
+    nova = tmp_path / "nova.jsonl"
+    nova.write_text(json.dumps(nova_pair) + "\n")  # a Nova DPO row: messages, but a pair
+    assert [(r["messages"][-1]["content"], r["reference"]) for r in gen_qa.read_qa_rows(str(nova))[0]] == [("q5", "a5")]
     assert got[0]["system"] == "s" and got[2]["source"] == f"{data}:3"
     assert len(gen_qa.read_qa_rows(str(data), max_rows=2)[0]) == 2
 

@@ -85,3 +85,81 @@ def tokenized_dataset(uris: list[str], recipe: dict, split: str, validation_frac
         fn_constructor_kwargs=dict(model_source=recipe["run"]["model_name_or_path"], max_length=tc["max_length"],
                                    max_prompt_length=data_cfg["max_prompt_length"],
                                    keep=data_cfg["prompt_truncation"], default_system=data_cfg["system_prompt"]))
+
+
+# ---------------------------------------------------------------- length-aware batching (on the workers)
+# Grouping runs on each worker over its own shard (streaming_split(equal=True) gives every worker the same number of
+# pairs, hence the same number of micro-batches), within a buffer like a local shuffle: the buffer is shuffled, sorted
+# by width and cut into micro-batches of pairs of about the same width, whose order is shuffled again. The seed is
+# the recipe's seed plus the epoch, and the shard's order is fixed (preserve_order), so a resumed run sees the same
+# micro-batches in the same order and can skip exactly those it trained on.
+
+def pair_width(row: dict) -> int:
+    """Tokens the pair's longer sequence needs: the padded width of a batch holding it."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+def length_groups(widths: list[int], group_size: int, rng) -> tuple[list[list[int]], list[int]]:
+    """Indices into `widths` as groups of `group_size` of similar width, and the remainder (< group_size) to carry.
+
+    With an rng (a random.Random): the remainder is a random pick, ties fall randomly and the groups come in random
+    order. Without one (no shuffling): the remainder is the last arrivals and the groups come narrowest first.
+    """
+    order = list(range(len(widths)))
+    if rng is not None:
+        rng.shuffle(order)
+    spare = len(order) % group_size
+    rest, order = (order[:spare], order[spare:]) if rng is not None else (order[len(order) - spare:],
+                                                                         order[:len(order) - spare])
+    order.sort(key=lambda i: widths[i])  # stable: equal widths keep the (shuffled) order
+    groups = [order[i:i + group_size] for i in range(0, len(order), group_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    return groups, sorted(rest)
+
+
+def length_grouped(rows, group_size: int, buffer_size: int, rng):
+    """Lists of `group_size` rows of similar width, from an iterable of rows, looking `buffer_size` rows ahead.
+
+    Rows left over at the end (fewer than group_size) are dropped, as drop_last would: equal work on every worker.
+    """
+    buffer_size = max(buffer_size, group_size)
+    buffer: list[dict] = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) >= buffer_size:
+            groups, rest = length_groups([pair_width(r) for r in buffer], group_size, rng)
+            yield from ([buffer[i] for i in group] for group in groups)
+            buffer = [buffer[i] for i in rest]
+    groups, _ = length_groups([pair_width(r) for r in buffer], group_size, rng)
+    yield from ([buffer[i] for i in group] for group in groups)
+
+
+def as_columns(rows: list[dict]) -> dict:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def shard_rows(shard, columns: tuple[str, ...]):
+    """A worker's shard (a Ray DataIterator) as row dicts of the columns the loss needs."""
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1):
+        present = [c for c in columns if c in batch]
+        yield from (dict(zip(present, values)) for values in zip(*(batch[c] for c in present)))
+
+
+def grouped_micro_batches(shard, *, micro_batch: int, buffer_size: int, seed: int | None, collate):
+    """Collated micro-batches of similar-width pairs from a worker's shard; seed None keeps the shard's order."""
+    import random
+
+    from training.batch import REFERENCE_COLUMNS
+
+    rng = random.Random(seed) if seed is not None else None
+    rows = shard_rows(shard, (*TOKEN_COLUMNS, "source", *REFERENCE_COLUMNS))
+    for group in length_grouped(rows, micro_batch, buffer_size, rng):
+        yield collate(as_columns(group))
+
+
+def padding_waste(groups: list[list[dict]]) -> float:
+    """Computed tokens / real tokens when each group of pairs is one padded batch: 2 x pairs rows x widest pair."""
+    computed = sum(2 * len(group) * max(pair_width(r) for r in group) for group in groups)
+    real = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for g in groups for r in g)
+    return computed / max(real, 1)

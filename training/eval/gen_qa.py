@@ -22,9 +22,10 @@ import string
 from collections import Counter
 from functools import lru_cache
 
-# Row shapes, first match wins: the prompt under one of PROMPT_KEYS and the answer under one of REFERENCE_KEYS
-# (Nova's gen_qa rows are query/response); When2Call rows (the answer of the correct behaviour); else a preference
-# row in any training format, whose preferred answer is the reference.
+# Row shapes, first match wins: When2Call rows (question, answers, correct_answer: the correct behaviour's answer);
+# the prompt under one of PROMPT_KEYS and the answer under one of REFERENCE_KEYS (Nova's gen_qa rows are
+# query/response, MedicalGPT's question/answer); else a preference row in any training format, whose chosen answer
+# is the reference.
 PROMPT_KEYS = ("prompt", "messages", "query", "question")
 REFERENCE_KEYS = ("reference", "references", "response", "answer")
 
@@ -206,10 +207,7 @@ def qa_fields(obj: dict) -> dict | None:
     prompt_key = next((k for k in PROMPT_KEYS if k in obj), None)
     reference_key = next((k for k in REFERENCE_KEYS if k in obj), None)
     if reference_key is None:
-        if prompt_key is not None and "chosen" not in obj and "rejected" not in obj:
-            raise ValueError(f"no reference answer: the row has {prompt_key!r} but none of "
-                             f"{', '.join(REFERENCE_KEYS)} (nor a preference pair's chosen answer)")
-        return None
+        return None  # perhaps a preference pair: the caller asks the training formats
     if prompt_key is None:
         raise ValueError(f"no prompt: the row has {reference_key!r} but none of {', '.join(PROMPT_KEYS)}")
     system = obj.get("system")
@@ -244,7 +242,10 @@ def read_qa_rows(path: str, *, fmt: str = "auto", key_map: dict | None = None,
             if fields is None:
                 record, reason = parse_line(text, source, fmt, key_map, file_format)
                 if record is None:
-                    bad.append((source, f"neither a question/answer row nor a preference pair: {reason}"))
+                    prompt_key = next((k for k in PROMPT_KEYS if k in obj), None) if isinstance(obj, dict) else None
+                    bad.append((source, f"no reference answer: the row has {prompt_key!r} but none of "
+                                        f"{', '.join(REFERENCE_KEYS)}, and is no preference pair ({reason})"
+                                if prompt_key else f"neither a question/answer row nor a preference pair: {reason}"))
                     continue
                 fields = {"messages": record["prompt"], "system": record["system"], "tools": record["tools"],
                           "reference": record["chosen"]}

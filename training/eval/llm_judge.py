@@ -12,6 +12,7 @@ replace it (evaluation.judge.prompt_file).
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -136,7 +137,7 @@ def chat_completion(url: str, prompt: str, *, model: str | None, api_key: str | 
                                   why=err.read().decode("utf-8", "replace")[:300],
                                   fix="check evaluation.judge.endpoint_model and the API key "
                                       "(evaluation.judge.api_key_env)") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             last = str(getattr(err, "reason", err))
         except (ValueError, KeyError, IndexError, TypeError) as err:
             last = f"a reply that is not a chat completion ({type(err).__name__}: {err})"

@@ -1,4 +1,4 @@
-"""gen_qa metrics against the reference implementations' values (../shared/eval/metric_test_vectors.json) and by hand."""
+"""gen_qa metrics against the values of the reference implementations (../shared/eval/metric_test_vectors.json)."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,162 @@
+"""KubeRay manifests for a recipe: a RayJob that makes its cluster for the run and deletes it after, the recipe in
+a ConfigMap, and a RayCluster for interactive use. Pure functions from plain data to plain dicts.
+
+Replicas are worker pods, one per replica (a replica is a node): `--replicas N` sets the worker group's replicas
+(min = max = N: a training run neither grows nor shrinks). The head pod runs the job's driver and no training
+(num-cpus 0). Object-storage credentials come from a Secret by reference (secretKeyRef), never inline. Token
+authentication is on through `authOptions: {mode: token}` (KubeRay >= 1.5.1, Ray >= 2.52): the operator makes a
+Secret with a random token and sets RAY_AUTH_MODE and RAY_AUTH_TOKEN in every Ray container, the submitter's too.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import yaml
+
+RAY_VERSION = "2.60.0"
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+RECIPE_DIR = "/home/ray/raydpo"  # where the ConfigMap's recipe.yaml appears in the head pod
+RECIPE_FILE = "recipe.yaml"
+WORKER_GROUP = "replicas"
+# Object-storage settings read from the Secret: (environment variable, key in the Secret, required)
+SECRET_KEYS = (
+    ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID", True),
+    ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY", True),
+    ("AWS_SESSION_TOKEN", "AWS_SESSION_TOKEN", False),
+    ("AWS_DEFAULT_REGION", "AWS_DEFAULT_REGION", False),
+    ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL", False),  # S3-compatible stores (MinIO, ...)
+)
+# KubeRay's own limits: it appends 6 characters to a RayJob's name for its RayCluster, whose name must fit 53.
+MAX_RAYJOB_NAME, MAX_RAYCLUSTER_NAME = 47, 53
+
+
+@dataclass(frozen=True)
+class PodSize:
+    cpus: int
+    memory: str      # a Kubernetes quantity, e.g. "32Gi"
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class K8sOptions:
+    name: str                      # the RayJob's name (the recipe's run.name by default)
+    replicas: int
+    image: str
+    worker: PodSize
+    head: PodSize = PodSize(cpus=2, memory="8Gi")
+    namespace: str | None = None
+    secret: str | None = "raydpo-object-storage"   # None: no credentials (e.g. IAM roles for service accounts)
+    service_account: str | None = None
+    submission_mode: str = "K8sJobMode"
+    active_deadline_s: int = 24 * 3600
+    backoff_limit: int = 0         # a DPO run retried from scratch would redo hours of GPU time: retry by hand
+    ttl_after_finished_s: int = 300
+
+
+def is_gpu_image(image: str) -> bool:
+    """Ray's images name their CUDA variants in the tag: 2.60.0-py311-gpu, 2.60.0-py311-cu128."""
+    tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
+    return bool(re.search(r"(^|-)(gpu|cu\d+)($|-)", tag))
+
+
+def recipe_configmap(name: str, recipe: dict, namespace: str | None = None) -> dict:
+    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(f"{name}-recipe", name, namespace),
+            "data": {RECIPE_FILE: text}}
+
+
+def entrypoint(replicas: int) -> str:
+    return f"raydpo train {RECIPE_DIR}/{RECIPE_FILE} --replicas {replicas}"
+
+
+def ray_cluster_spec(opts: K8sOptions, configmap: str) -> dict:
+    head_container = {
+        "name": "ray-head", "image": opts.image,
+        "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 10001, "name": "client"}],
+        "resources": _resources(opts.head),
+        "env": _secret_env(opts.secret),
+        "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],
+    }
+    worker_container = {
+        "name": "ray-worker", "image": opts.image,
+        "resources": _resources(opts.worker),
+        "env": _secret_env(opts.secret),
+    }
+    head_pod = {"containers": [_drop_empty(head_container)],
+                "volumes": [{"name": "recipe", "configMap": {"name": configmap}}]}
+    worker_pod = {"containers": [_drop_empty(worker_container)]}
+    if opts.service_account:
+        head_pod["serviceAccountName"] = worker_pod["serviceAccountName"] = opts.service_account
+    return {
+        "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token"},
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": {"spec": head_pod}},
+        "workerGroupSpecs": [{
+            "groupName": WORKER_GROUP,
+            "replicas": opts.replicas, "minReplicas": opts.replicas, "maxReplicas": opts.replicas,
+            "rayStartParams": {},
+            "template": {"spec": worker_pod},
+        }],
+    }
+
+
+def render_rayjob(recipe: dict, opts: K8sOptions) -> list[dict]:
+    """[ConfigMap, RayJob]: the job's own cluster is created for the run and deleted after it."""
+    configmap = recipe_configmap(opts.name, recipe, opts.namespace)
+    spec = {
+        "entrypoint": entrypoint(opts.replicas),
+        "submissionMode": opts.submission_mode,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": opts.ttl_after_finished_s,
+        "activeDeadlineSeconds": opts.active_deadline_s,
+        "backoffLimit": opts.backoff_limit,
+        "rayClusterSpec": ray_cluster_spec(opts, configmap["metadata"]["name"]),
+    }
+    job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(opts.name, opts.name, opts.namespace),
+           "spec": spec}
+    return [configmap, job]
+
+
+def render_raycluster(recipe: dict, opts: K8sOptions) -> list[dict]:
+    """[ConfigMap, RayCluster]: a cluster that stays up; run the recipe in it with `ray job submit` (README)."""
+    configmap = recipe_configmap(opts.name, recipe, opts.namespace)
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+               "metadata": _metadata(f"{opts.name}-cluster", opts.name, opts.namespace),
+               "spec": ray_cluster_spec(opts, configmap["metadata"]["name"])}
+    return [configmap, cluster]
+
+
+def dump_all(manifests: list[dict], header: str = "") -> str:
+    docs = [yaml.safe_dump(m, sort_keys=False, default_flow_style=False, width=120) for m in manifests]
+    return header + "---\n".join(docs)
+
+
+def _metadata(name: str, run: str, namespace: str | None) -> dict:
+    meta = {"name": name, "labels": {"app.kubernetes.io/name": "raydpo", "raydpo/run": run}}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def _resources(size: PodSize) -> dict:
+    """Requests = limits: Guaranteed pods, which KubeRay recommends for Ray (no eviction under memory pressure)."""
+    amounts = {"cpu": str(size.cpus), "memory": size.memory}
+    if size.gpus:
+        amounts["nvidia.com/gpu"] = str(size.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _secret_env(secret: str | None) -> list[dict]:
+    if not secret:
+        return []
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, **({} if required else
+                                                                                        {"optional": True})}}}
+            for env, key, required in SECRET_KEYS]
+
+
+def _drop_empty(container: dict) -> dict:
+    return {k: v for k, v in container.items() if v not in ([], {}, None)}

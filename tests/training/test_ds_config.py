@@ -1,0 +1,71 @@
+"""Batch arithmetic, the learning-rate schedule and the DeepSpeed config, each against numbers worked by hand."""
+import math
+
+import pytest
+
+from training import ds_config
+
+
+@pytest.mark.parametrize("global_batch, workers, micro, expected", [
+    (8, 2, None, (4, 1)),    # 4 pairs per worker: one micro batch of 4
+    (64, 2, None, (4, 8)),   # 32 per worker: the largest micro batch up to 4 is 4, accumulated 8 times
+    (12, 4, None, (3, 1)),   # 3 per worker: 3 divides 3
+    (10, 2, None, (1, 5)),   # 5 per worker: only 1 (of 1..4) divides 5
+    (64, 2, 2, (2, 16)),     # a requested micro batch is kept
+])
+def test_batch_plan_keeps_the_global_batch(global_batch, workers, micro, expected):
+    got = ds_config.batch_plan(global_batch, workers, micro)
+    assert got == expected
+    assert got[0] * got[1] * workers == global_batch
+
+
+def test_dividing_worker_counts():
+    assert ds_config.dividing_worker_counts(12, limit=12) == [1, 2, 3, 4, 6, 12]
+
+
+def test_step_counts_drop_the_last_partial_batch():
+    assert ds_config.steps_per_epoch(50, 8) == 6
+    assert ds_config.total_steps(50, 8, max_epochs=3, max_steps=None) == 18
+    assert ds_config.total_steps(50, 8, max_epochs=3, max_steps=10) == 10
+
+
+def test_schedule_warmup_constant_then_cosine():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=4, constant_steps=2, total=16)
+    # warmup: lr × (step + 1) / (warmup + 1) -> 0.2, 0.4, 0.6, 0.8 of lr
+    assert [round(ds_config.lr_at(s, **kw), 10) for s in range(4)] == [2e-4, 4e-4, 6e-4, 8e-4]
+    assert ds_config.lr_at(4, **kw) == ds_config.lr_at(5, **kw) == 1e-3  # the constant steps
+    # cosine over the 10 decay steps 6..16: half way (step 11) is the mean of lr and min_lr
+    assert ds_config.lr_at(11, **kw) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert ds_config.lr_at(6, **kw) == pytest.approx(1e-3)
+    assert ds_config.lr_at(16, **kw) == pytest.approx(1e-4)
+    assert ds_config.lr_at(100, **kw) == pytest.approx(1e-4)  # never below min_lr past the end
+    # one step into the decay: min + (lr - min) × (1 + cos(pi/10)) / 2
+    assert ds_config.lr_at(7, **kw) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi / 10)) / 2)
+
+
+def test_precision_follows_the_device():
+    assert ds_config.precision_for("auto", on_gpu=False) == "fp32"
+    assert ds_config.precision_for("auto", on_gpu=True) == "bf16"
+    assert ds_config.precision_for("auto", on_gpu=True, bf16_supported=False) == "fp32"
+    assert ds_config.precision_for("bf16", on_gpu=False) == "bf16"
+
+
+def test_deepspeed_config_for_zero3():
+    config = ds_config.deepspeed_config(micro_batch=4, accum=8, workers=2, precision="bf16")
+    assert config["train_batch_size"] == 64
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 8
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["bf16"] == {"enabled": True}
+    assert ds_config.deepspeed_config(micro_batch=1, accum=1, workers=1, precision="fp32")["bf16"] == \
+        {"enabled": False}
+    offload = ds_config.deepspeed_config(micro_batch=1, accum=1, workers=1, precision="fp32", offload_optimizer=True)
+    reference = ds_config.reference_config(offload)
+    assert "offload_optimizer" not in reference["zero_optimization"] and "gradient_clipping" not in reference
+    assert reference["zero_optimization"]["stage"] == 3
+
+
+def test_optimizer_choice():
+    assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=True) == "fused_adam"
+    assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=False) == "torch_adamw"
+    assert ds_config.optimizer_choice("adamw", on_gpu=True) == "torch_adamw"

@@ -1,0 +1,175 @@
+"""The reference model out of the training loop: its log-probabilities computed once, ahead of training.
+
+`precompute_reference` runs a Ray Data stage (ReferenceStage: model actors on the cluster's CPUs or GPUs, which are
+all spare before training starts) over the tokenised pairs, adds `ref_chosen_logps` and `ref_rejected_logps` to each
+row, and writes the rows as Parquet under <output_s3_path>/_reference_cache/<key>/. The key hashes what the numbers
+depend on: the model (its files), the data files (size and modification time or ETag), max_length and the other
+tokenisation settings, the split and the precision. A later run on the same data and model (a beta or loss-type
+sweep) finds the cache and skips the stage. Training workers then read those rows and hold no reference model.
+
+The stage computes log-probabilities with training/forward.sequence_logps_of, the function the training loop uses
+for a live reference, so both give the same numbers for the same model and precision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+from training import storage
+from training.batch import collate_pairs
+from training.data.pipeline import TOKEN_COLUMNS, pair_width
+
+CACHE_DIR = "_reference_cache"
+STAGE_VERSION = 1  # bump when the stage's output changes meaning: old caches are then never read
+TOKENS_PER_FORWARD = 16384  # padded tokens per reference forward: large enough to be efficient, small enough to fit
+
+
+# ---------------------------------------------------------------- the cache key (pure)
+
+def cache_key(model: object, data: object, settings: dict) -> str:
+    """A short stable hash of everything the reference log-probabilities depend on."""
+    text = json.dumps([STAGE_VERSION, model, data, settings], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def token_settings(recipe: dict, precision: str) -> dict:
+    """The recipe values that change which tokens a pair has, which pairs a split holds, or the numbers computed."""
+    tc = recipe["training_config"]
+    data = tc["data"]
+    return {"max_length": tc["max_length"], "precision": precision, "seed": tc["seed"],
+            **{k: data[k] for k in ("format", "key_map", "prompt_truncation", "max_prompt_length", "system_prompt",
+                                    "validation_fraction")}}
+
+
+def model_fingerprint(source: str) -> object:
+    """A local model folder by its files' names, sizes and times; anything else (a hub id) by its name."""
+    from training.models import resolve_model_source
+
+    folder = Path(resolve_model_source(source))
+    if not folder.is_dir():
+        return source
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def file_fingerprints(uris: list[str]) -> list:
+    """[uri, size, version] per data file: the version is the ETag on S3, the modification time elsewhere."""
+    rows = []
+    for uri in uris:
+        fs, path = storage.filesystem_for(uri)
+        info = storage.with_retries("read", uri, lambda: fs.info(path))
+        rows.append([uri, info.get("size"), info.get("ETag") or info.get("mtime") or info.get("LastModified")])
+    return rows
+
+
+# ---------------------------------------------------------------- the Ray Data stage
+
+def forward_groups(widths: list[int], tokens_per_forward: int) -> list[list[int]]:
+    """Indices grouped for reference forwards: narrowest first, each group's padded tokens (2 rows per pair x
+    pairs x widest) within the budget; a pair wider than the budget goes alone."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(widths)), key=lambda i: widths[i]):
+        group = groups[-1] if groups else None
+        if group and 2 * (len(group) + 1) * widths[index] <= tokens_per_forward:
+            group.append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+class ReferenceStage:
+    """Ray Data map_batches stage: one reference model per actor; adds ref_chosen_logps / ref_rejected_logps."""
+
+    def __init__(self, model_source: str, precision: str, chunk_size: int = 1024,
+                 tokens_per_forward: int = TOKENS_PER_FORWARD):
+        import torch
+
+        from training import ds_config
+        from training.forward import add_logps_head
+        from training.models import load_causal_lm, load_tokenizer
+
+        on_gpu = torch.cuda.is_available()
+        precision = ds_config.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.model = load_causal_lm(model_source, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        self.model.to(self.device).eval()
+        add_logps_head(self.model)
+        self.pad_id = load_tokenizer(model_source).pad_token_id
+        self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from training.forward import sequence_logps_of
+
+        rows = [dict(zip(TOKEN_COLUMNS, values)) for values in zip(*(batch[c] for c in TOKEN_COLUMNS))]
+        chosen = np.zeros(len(rows), dtype=np.float32)
+        rejected = np.zeros(len(rows), dtype=np.float32)
+        for group in forward_groups([pair_width(r) for r in rows], self.tokens_per_forward):
+            pairs = collate_pairs({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS}, pad_id=self.pad_id)
+            inputs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
+            with torch.no_grad():
+                logps, _ = sequence_logps_of(self.model, inputs, chunk_size=self.chunk_size)
+            logps = logps.float().cpu().numpy()
+            chosen[group], rejected[group] = logps[:len(group)], logps[len(group):]
+        return {**batch, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+# ---------------------------------------------------------------- the driver side
+
+def cache_root_uri(recipe: dict) -> str:
+    return recipe["run"]["output_s3_path"].rstrip("/") + "/" + CACHE_DIR
+
+
+def read_marker(uri: str) -> dict | None:
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
+                  actors: int, on_gpu: bool):
+    fs, path = storage.pyarrow_filesystem_for(target_uri)
+    dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
+        ReferenceStage, batch_size=64, concurrency=actors, num_gpus=1 if on_gpu else 0, num_cpus=1,
+        fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size),
+    ).write_parquet(path, filesystem=fs)
+
+
+def read_split(uri: str):
+    import ray.data
+
+    fs, path = storage.pyarrow_filesystem_for(uri)
+    return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+
+
+def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gpu: bool, actors: int,
+                         chunk_size: int, say) -> tuple[dict, dict]:
+    """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
+    {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}."""
+    from training import ds_config
+
+    precision = ds_config.precision_for(recipe["training_config"]["precision"], on_gpu)
+    model_source = recipe["run"]["model_name_or_path"]
+    key = cache_key(model_fingerprint(model_source), key_parts, token_settings(recipe, precision))
+    root = cache_root_uri(recipe) + "/" + key
+    out, info = {}, {"cache_uri": root, "seconds": 0.0, "reused": []}
+    for split, dataset in datasets.items():
+        marker_uri = f"{root}/{split}.json"
+        marker = read_marker(marker_uri)
+        if marker is None:
+            started = time.time()
+            folder = f"{root}/{split}-{uuid.uuid4().hex[:8]}"  # a crash leaves an orphan folder, never a half cache
+            say(f"reference log-probs ({split}): computing with {actors} model actor(s) into {folder}")
+            compute_split(dataset, folder, model_source=model_source, precision=recipe["training_config"]["precision"],
+                          chunk_size=chunk_size, actors=actors, on_gpu=on_gpu)
+            marker = {"folder": folder, "seconds": time.time() - started, "key_parts": key_parts}
+            storage.write_bytes(marker_uri, json.dumps(marker, indent=2).encode())
+            info["seconds"] += marker["seconds"]
+            say(f"reference log-probs ({split}): done in {marker['seconds']:.0f}s")
+        else:
+            info["reused"].append(split)
+            say(f"reference log-probs ({split}): reusing {marker['folder']} (computed in {marker['seconds']:.0f}s)")
+        out[split] = read_split(marker["folder"])
+    return out, info

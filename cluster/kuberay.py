@@ -130,8 +130,18 @@ def render_raycluster(recipe: dict, opts: K8sOptions) -> list[dict]:
     return [configmap, cluster]
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the recipe in the ConfigMap) as readable `|` blocks rather than quoted lines."""
+
+
+_BlockDumper.add_representer(
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text
+                                                      else None))
+
+
 def dump_all(manifests: list[dict], header: str = "") -> str:
-    docs = [yaml.safe_dump(m, sort_keys=False, default_flow_style=False, width=120) for m in manifests]
+    docs = [yaml.dump(m, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
+            for m in manifests]
     return header + "---\n".join(docs)
 
 

@@ -12,6 +12,8 @@ file_mounts ("~/.ray/auth_token"); `ensure_local_token` makes that token before 
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import os
 import re
 import shlex
@@ -97,12 +99,17 @@ def ray_schema_problems(config: dict) -> list[str]:
         from ray.autoscaler._private.util import prepare_config, validate_config
     except ImportError:
         return []
+    quiet = logging.getLogger("ray.autoscaler")  # prepare_config narrates its defaults at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
-        validate_config(prepare_config(config))
+        validate_config(prepare_config(copy.deepcopy(config)))
     except Exception as err:  # noqa: BLE001 - jsonschema, ValueError, click's abort: all mean "bad YAML"
         message = getattr(err, "message", None) or str(err) or type(err).__name__
         path = "/".join(str(p) for p in getattr(err, "absolute_path", []) or [])
         return [f"{path + ': ' if path else ''}{message}".strip()]
+    finally:
+        quiet.setLevel(level)
     return []
 
 
@@ -209,7 +216,8 @@ def free_port() -> int:
 
 def run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, workdir_env: dict | None = None,
                        replicas: int, keep_cluster: bool, log_dir: Path, say: Say,
-                       fetch: dict[str, Path] | None = None, nodes_timeout_s: float = 900) -> dict:
+                       fetch: dict[str, Path] | None = None, nodes_timeout_s: float = 900,
+                       up_attempts: int = 2) -> dict:
     """Up, wait for the worker nodes, submit, stream, fetch, down. Returns {"job_id", "status", "message"}.
 
     config: the cluster YAML already scaled by with_replicas and checked. fetch: remote path -> local path, copied
@@ -222,13 +230,24 @@ def run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, work
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     env.pop("RAY_ADDRESS", None)
+    if config["provider"]["type"] == "local":
+        # Ray 2.60's autoscaler v2 counts the local provider's head towards the worker type's min_workers (they
+        # share one node type there), so it starts one worker node too few; v1 starts them all.
+        env.setdefault("RAY_UP_enable_autoscaler_v2", "0")
     log = log_dir / "launcher.log"
     name = config["cluster_name"]
     ensure_local_token(config, env)
     tunnel = None
     try:
         say(f"cluster {name}: `ray up` ({replicas} worker node(s)); launcher output in {log}")
-        up = ray_cli(["up", "-y", "--no-config-cache", str(config_path)], env, log=log)
+        for attempt in range(1, up_attempts + 1):
+            # `ray up` picks up where a failed run stopped: a node that was slow to start (Ray gives a raylet
+            # 30 s to register, which a busy machine can miss) gets a second chance.
+            up = ray_cli(["up", "-y", "--no-config-cache", str(config_path)], env, log=log)
+            if up.returncode == 0:
+                break
+            if attempt < up_attempts:
+                say(f"`ray up` failed (exit {up.returncode}); trying once more")
         if up.returncode != 0:
             raise ClusterError(f"`ray up` failed for cluster {name} (exit {up.returncode})", problems=tail(log),
                                why=f"the full launcher output is in {log}",
@@ -283,8 +302,14 @@ def bring_down(config_path: Path, name: str, env: dict, log: Path, say: Say) -> 
     if not ok:
         say(f"warning: `ray down` failed; nodes may still be running and costing money. Run `ray down -y "
             f"{config_path}` yourself (launcher output in {log})")
-    else:
-        say("cluster down")
+        return
+    output = log.read_text(errors="replace")[-20000:]
+    if re.search(r"Head node of cluster \(.*\) not found", output):
+        # After a failed `ray up`, `ray down` skips `ray stop` on the head: on machines that outlive the cluster
+        # (the local provider) Ray may still run there.
+        say("warning: `ray down` found no healthy head and did not run `ray stop` on it; on a machine you keep "
+            "(local provider), run `ray stop` there")
+    say("cluster down")
 
 
 def open_dashboard_tunnel(config_path: Path, local_port: int, remote_port: int, env: dict, log: Path,
@@ -309,18 +334,30 @@ def open_dashboard_tunnel(config_path: Path, local_port: int, remote_port: int, 
                        fix="check SSH access to the head and that its dashboard runs (--dashboard-port)")
 
 
+def auth_headers(env: dict) -> dict:
+    """The Authorization header for the cluster's token: given explicitly, because Ray's clients read RAY_AUTH_MODE
+    once per process, and this process may have touched Ray before the mode was set."""
+    if env.get("RAY_AUTH_MODE", "token").lower() == "disabled":
+        return {}
+    token = env.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        home = Path(env.get("HOME") or Path.home())
+        path = Path(env.get("RAY_AUTH_TOKEN_PATH") or home / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def job_client(url: str, env: dict, timeout_s: float = 120):
     """A JobSubmissionClient once the dashboard answers (it starts a few seconds after `ray up` returns)."""
     from ray.job_submission import JobSubmissionClient
 
     deadline, last = time.time() + timeout_s, None
-    with _environ(env):
-        while time.time() < deadline:
-            try:
-                return JobSubmissionClient(url)
-            except Exception as err:  # noqa: BLE001 - ConnectionError, HTTP errors while the dashboard starts
-                last = err
-                time.sleep(2)
+    while time.time() < deadline:
+        try:
+            return JobSubmissionClient(url, headers=auth_headers(env))
+        except Exception as err:  # noqa: BLE001 - ConnectionError, HTTP errors while the dashboard starts
+            last = err
+            time.sleep(2)
     raise ClusterError(f"the head's dashboard at {url} did not answer", why=str(last),
                        fix="check the head's dashboard (`ray exec CLUSTER.yaml 'ray status'`) and the auth token "
                            "(RAY_AUTH_MODE=token, ~/.ray/auth_token here and on the head)")
@@ -328,21 +365,24 @@ def job_client(url: str, env: dict, timeout_s: float = 120):
 
 def wait_for_nodes(url: str, count: int, timeout_s: float, say: Say, env: dict) -> None:
     """Worker nodes join after `ray up` returns (the head's autoscaler starts them): wait for all of them."""
-    from ray.util.state import list_nodes
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
+    headers = {"Content-Type": "application/json", **auth_headers(env)}
     deadline, alive, said = time.time() + timeout_s, 0, -1
-    with _environ(env):
-        while time.time() < deadline:
-            try:
-                alive = sum(1 for n in list_nodes(address=url) if n.state == "ALIVE")
-            except Exception:  # noqa: BLE001 - the state API answers errors while the head starts
-                alive = 0
-            if alive != said:
-                say(f"nodes up: {alive}/{count}")
-                said = alive
-            if alive >= count:
-                return
-            time.sleep(3)
+    while time.time() < deadline:
+        try:
+            nodes = StateApiClient(address=url, headers=headers).list(
+                StateResource.NODES, options=ListApiOptions(), raise_on_missing_output=False)
+            alive = sum(1 for n in nodes if n.state == "ALIVE")
+        except Exception:  # noqa: BLE001 - the state API answers errors while the head starts
+            alive = 0
+        if alive != said:
+            say(f"nodes up: {alive}/{count}")
+            said = alive
+        if alive >= count:
+            return
+        time.sleep(3)
     raise ClusterError(f"only {alive} of {count} nodes joined the cluster in {timeout_s:.0f} s",
                        why="the head's autoscaler could not start every worker node",
                        fix="look at the autoscaler's log on the head (`ray exec CLUSTER.yaml 'tail -n 100 "
@@ -381,18 +421,3 @@ def wait_for_end(client, job_id: str, timeout_s: float = 60):
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) or time.time() > deadline:
             return status
         time.sleep(1)
-
-
-class _environ:
-    """os.environ with `env` applied for the with-block: Ray's clients read the auth settings from it."""
-
-    def __init__(self, env: dict):
-        self.env, self.saved = env, None
-
-    def __enter__(self):
-        self.saved = dict(os.environ)
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("RAY_")})
-
-    def __exit__(self, *exc):
-        os.environ.clear()
-        os.environ.update(self.saved)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from launcher.overrides import apply_overrides, load_yaml_text
 from launcher.recipe_schema import K8S_NAME, Rule, int_range, interval, one_of
 from training.errors import ConfigError
@@ -246,6 +248,9 @@ def build_eval_recipe(tree: Any, *, source: str = "the recipe") -> EvalRecipe:
     if problems:
         raise ConfigError(f"{source} is not a valid evaluation recipe", problems=problems,
                           fix="see recipes/eval_gen_qa.yaml for every key and its default")
+    if sections["evaluation"].strategy is None:  # written out, so the results show how the task ran
+        sections["evaluation"] = dataclasses.replace(sections["evaluation"],
+                                                     strategy=STRATEGIES[sections["evaluation"].task])
     return EvalRecipe(**sections)
 
 
@@ -258,7 +263,7 @@ def load_eval_recipe(path: str, *, models: typing.Sequence[str] = (), output: st
         raise ConfigError(f"evaluation recipe {path} does not exist", fix="give the path of an eval_*.yaml recipe")
     try:
         tree = load_yaml_text(file.read_text(encoding="utf-8"))
-    except Exception as err:  # yaml.YAMLError and decoding errors: the user's file, not our bug
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read {path} as YAML", why=str(err).splitlines()[0],
                           fix="check the file's indentation and quoting") from None
     if not isinstance(tree, dict):
@@ -268,7 +273,10 @@ def load_eval_recipe(path: str, *, models: typing.Sequence[str] = (), output: st
     if problems:
         raise ConfigError("overrides that cannot apply", problems=[f"{p}: {t}" for p, t in problems],
                           fix="write overrides as dotted.key=value, e.g. inference.max_new_tokens=64")
-    run = dict(tree.get("run") or {})
+    run = tree.get("run") or {}
+    if not isinstance(run, dict):
+        return build_eval_recipe(tree, source=path)  # reports the broken section with everything else
+    run = dict(run)
     if models:
         have = run.get("model_name_or_path") or []
         have = [have] if isinstance(have, str) else list(have)
@@ -276,6 +284,6 @@ def load_eval_recipe(path: str, *, models: typing.Sequence[str] = (), output: st
     if output is not None:
         run["output_s3_path"] = output
     tree = {**tree, "run": run}
-    if max_rows is not None:
+    if max_rows is not None and isinstance(tree.get("evaluation") or {}, dict):
         tree["evaluation"] = {**(tree.get("evaluation") or {}), "max_rows": max_rows}
     return build_eval_recipe(tree, source=path)

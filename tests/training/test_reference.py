@@ -1,0 +1,159 @@
+"""The precomputed reference (training/reference.py): same numbers and same losses as a live reference, a cache
+keyed by what they depend on, reused by a second run."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from training.batch import collate_pairs
+from training.forward import sequence_logps_of
+from training.losses import dpo_loss
+from training.reference import (ReferenceStage, cache_key, file_fingerprints, forward_groups, model_fingerprint,
+                                token_settings)
+
+ROOT = Path(__file__).resolve().parents[2]
+PAIRS = {"prompt_ids": [[5, 6, 7], [8], [30, 31, 32, 33, 34], [40, 41]],
+         "chosen_ids": [[9, 10], [11, 12, 13, 14], [15], [42, 43, 44, 45, 46, 47]],
+         "rejected_ids": [[17], [18, 19], [20, 21, 22, 23, 24, 25], [48]]}
+
+
+def recipe(model: str, out: str = "/tmp/out") -> dict:
+    r = yaml.safe_load((ROOT / "recipes" / "reference.yaml").read_text())
+    r["run"] |= {"model_name_or_path": model, "output_s3_path": out}
+    return r
+
+
+def as_ray_batch(pairs: dict) -> dict:
+    """Ray Data hands list columns as object arrays of int arrays."""
+    return {k: np.array([np.array(v, dtype=np.int64) for v in values] + [None], dtype=object)[:-1]
+            for k, values in pairs.items()}
+
+
+def live_reference(model_dir, pairs: dict, pad_id: int, micro_batch: int):
+    """What the loop computes with a live reference: the model's own full logits, on training micro-batches."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs["prompt_ids"]), micro_batch):
+        part = {k: v[start:start + micro_batch] for k, v in pairs.items()}
+        with torch.no_grad():
+            logps, _ = sequence_logps_of(model, collate_pairs(part, pad_id=pad_id), head=False)
+        chosen.append(logps[:len(part["prompt_ids"])])
+        rejected.append(logps[len(part["prompt_ids"]):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def test_cache_key_is_stable_and_moves_with_each_input():
+    settings = token_settings(recipe("m"), "fp32")
+    key = cache_key(["model.safetensors", 10, 1], [["data.jsonl", 5, "t"]], settings)
+    assert key == cache_key(["model.safetensors", 10, 1], [["data.jsonl", 5, "t"]], dict(settings))
+    assert cache_key(["model.safetensors", 11, 1], [["data.jsonl", 5, "t"]], settings) != key
+    assert cache_key(["model.safetensors", 10, 1], [["data.jsonl", 6, "t"]], settings) != key
+    longer = recipe("m")
+    longer["training_config"]["max_length"] = 2048
+    assert cache_key(["model.safetensors", 10, 1], [["data.jsonl", 5, "t"]], token_settings(longer, "fp32")) != key
+    assert cache_key(["model.safetensors", 10, 1], [["data.jsonl", 5, "t"]], token_settings(recipe("m"), "bf16")) != key
+
+
+def test_a_beta_or_loss_sweep_keeps_the_key():
+    sweep = recipe("m")
+    sweep["training_config"]["model"]["dpo_cfg"] |= {"beta": 0.3, "loss_type": "ipo"}
+    sweep["run"]["name"] = "another-run"
+    assert token_settings(sweep, "fp32") == token_settings(recipe("m"), "fp32")
+
+
+def test_fingerprints_follow_the_files(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    before = file_fingerprints([str(data)])
+    assert before[0][:2] == [str(data), data.stat().st_size]
+    data.write_text('{"prompt": "a", "chosen": "bb", "rejected": "c"}\n')
+    assert file_fingerprints([str(data)]) != before
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert model_fingerprint(str(tmp_path / "model"))[0][:2] == ["config.json", 2]
+
+
+def test_forward_groups_hand_worked():
+    # widths 10, 3, 7, 3 with 28 tokens a forward: (3, 3) = 2 x 2 x 3 = 12 fits; adding 7 would be 2 x 3 x 7 = 42
+    assert forward_groups([10, 3, 7, 3], 28) == [[1, 3], [2], [0]]
+    assert forward_groups([50], 28) == [[0]]  # too wide for the budget: alone, never dropped
+
+
+def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir):
+    from training.models import load_tokenizer
+
+    pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
+    # a budget that splits the stage's forwards differently from the training micro-batches
+    stage = ReferenceStage(str(tiny_model_dir), precision="fp32", tokens_per_forward=40)
+    out = stage(as_ray_batch(PAIRS))
+    assert set(out) >= {"prompt_ids", "ref_chosen_logps", "ref_rejected_logps"}
+    live_chosen, live_rejected = live_reference(tiny_model_dir, PAIRS, pad_id, micro_batch=2)
+    stored_chosen = torch.as_tensor(out["ref_chosen_logps"])
+    stored_rejected = torch.as_tensor(out["ref_rejected_logps"])
+    torch.testing.assert_close(stored_chosen, live_chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stored_rejected, live_rejected, rtol=1e-5, atol=1e-5)
+
+    # a policy that moved away from the reference: the DPO losses with either reference are the same
+    torch.manual_seed(0)
+    policy_chosen = live_chosen + torch.randn(4)
+    policy_rejected = live_rejected + torch.randn(4)
+    for loss_type in ("sigmoid", "ipo", "hinge"):
+        kwargs = dict(chosen_lengths=torch.tensor([2, 4, 1, 6]), rejected_lengths=torch.tensor([1, 2, 6, 1]),
+                      loss_type=loss_type, beta=0.1, label_smoothing=0.0)
+        live = dpo_loss(policy_chosen, policy_rejected, live_chosen, live_rejected, **kwargs)
+        stored = dpo_loss(policy_chosen, policy_rejected, stored_chosen, stored_rejected, **kwargs)
+        for want, got in zip(live, stored):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_path):
+    import ray
+
+    from training.data.pipeline import tokenized_dataset
+    from training.data.synthetic import answer_format_pairs
+    from training.reference import precompute_reference
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in answer_format_pairs(12, seed=3)))
+    r = recipe(str(tiny_model_dir), out=str(tmp_path / "out"))
+    r["training_config"]["max_length"] = 128
+    said: list[str] = []
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        def run(r):
+            datasets = {"train": tokenized_dataset([str(data)], r, "train", 0.0)}
+            out, info = precompute_reference(datasets, r, key_parts={"train": file_fingerprints([str(data)])},
+                                             on_gpu=False, actors=1, chunk_size=1024, say=said.append)
+            rows = sorted(out["train"].take_all(), key=lambda row: row["source"])
+            return rows, info
+
+        first, first_info = run(r)
+        sweep = copy.deepcopy(r)
+        sweep["training_config"]["model"]["dpo_cfg"]["beta"] = 0.3
+        second, second_info = run(sweep)
+    finally:
+        ray.shutdown()
+    assert first_info["reused"] == [] and second_info["reused"] == ["train"] and second_info["seconds"] == 0.0
+    assert first_info["cache_uri"] == second_info["cache_uri"]
+    assert first_info["cache_uri"].startswith(str(tmp_path / "out" / "_reference_cache"))
+    assert len(first) == 12 and [row["ref_chosen_logps"] for row in second] == [row["ref_chosen_logps"] for row in first]
+
+    from training.models import load_tokenizer
+
+    pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
+    pairs = {k: [list(row[k]) for row in first] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    live_chosen, live_rejected = live_reference(tiny_model_dir, pairs, pad_id, micro_batch=4)
+    torch.testing.assert_close(torch.tensor([row["ref_chosen_logps"] for row in first]), live_chosen,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([row["ref_rejected_logps"] for row in first]), live_rejected,
+                               rtol=1e-5, atol=1e-5)
+    assert any("computing" in line for line in said) and any("reusing" in line for line in said)

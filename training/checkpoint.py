@@ -60,14 +60,20 @@ def samples_consumed(epoch: int, micro_in_epoch: int, micro_steps_per_epoch: int
     return (epoch * micro_steps_per_epoch + micro_in_epoch) * micro_batch * workers
 
 
-def restarts(train_steps: list[int], resumed_from: int = 0) -> list[dict]:
-    """Each restart seen in the logged train steps: the step reached, the checkpoint step training went on from
-    and the steps lost (to train again). A step that does not follow the one before it is a restart."""
-    found, previous = [], resumed_from
-    for step in train_steps:
-        if step != previous + 1:
-            found.append({"at_step": previous, "resumed_from_step": step - 1, "steps_lost": previous - (step - 1)})
-        previous = step
+def restarts(events: list[int | None], resumed_from: int = 0) -> list[dict]:
+    """One entry per worker failure in the driver's event stream (the train steps reported, None where a failure
+    was): the last step reported before it, the checkpoint step training went on from (the next step reported,
+    less one) and how many reported steps were trained again. A step the dead worker trained but never reported
+    is not in the stream: the figures are what the driver saw."""
+    found, last = [], resumed_from
+    for i, event in enumerate(events):
+        if event is not None:
+            last = event
+            continue
+        following = next((e for e in events[i + 1:] if e is not None), None)
+        resumed = None if following is None else following - 1
+        found.append({"last_reported_step": last, "resumed_from_step": resumed,
+                      "reported_steps_redone": None if resumed is None else last - resumed})
     return found
 
 

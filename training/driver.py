@@ -115,6 +115,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
     runner = threading.Thread(target=lambda: outcome.update(fit(trainer)), daemon=True)
     runner.start()
     metrics_rows, final, worker_failures = list(earlier_rows), {}, 0
+    step_events: list[int | None] = []  # train steps as reported, None where a worker failure was
     trackers = tracking.open_trackers(str(staging), recipe)
     with open(staging / "metrics.jsonl", "w") as metrics_file:
         metrics_file.writelines(json.dumps(row) + "\n" for row in earlier_rows)
@@ -126,6 +127,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                 continue
             if "exception" in event:
                 worker_failures += 1
+                step_events.append(None)
                 say(f"worker failure {worker_failures} (max_failures={tc['max_failures']}; a restart goes on from "
                     f"the last complete checkpoint): {list(event['exception'].values())[0][:300]}")
                 continue
@@ -135,6 +137,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 metrics_rows.append(row)
+                step_events += [row["step"]] if row["split"] == "train" else []
                 tracking.log_metrics(trackers, tracking.row_metrics(row), row["step"])
                 say(format_progress(row | {"elapsed_s": row.get("elapsed_s", time.time() - started)})
                     if row["split"] == "train" else format_validation(row))
@@ -155,7 +158,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
               "final_validation": next((r for r in reversed(metrics_rows) if r["split"] == "validation"), None),
               "plan": {k: v for k, v in plan.items() if k != "probe"},
               "resumed_from": {"checkpoint": resume["uri"], "step": resumed_step} if resume["uri"] else None,
-              "worker_failures": worker_failures, "restarts": ckpt.restarts([r["step"] for r in train_rows])}
+              "worker_failures": worker_failures, "restarts": ckpt.restarts(step_events, resumed_step)}
     (staging / "summary.json").write_text(json.dumps(result, indent=2))
     (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
     if storage.is_remote(uri):

@@ -91,11 +91,19 @@ exit $rc
     try:
         # --kill-child: when unshare goes (a timeout kills it), the sandbox's first process and so all of it die
         return subprocess.run([tool("unshare"), "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--mount",
-                               "bash", "-c",
-                               script], capture_output=True, text=True, timeout=timeout,
+                               "bash", "-c", script], capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_die_with_parent,
                               env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}:{SBIN}"})
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL to unshare if the test process dies (a killed pytest runs no cleanup): with --kill-child the whole
+    sandbox goes with it."""
+    import ctypes
+    import signal as signals
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signals.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def leftovers(stdout: str) -> list[str]:

@@ -6,6 +6,7 @@ process on this shared machine.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import textwrap
 
@@ -48,11 +49,16 @@ def test_ray_up_runs_the_job_on_the_local_cluster_and_ray_down_removes_it(tmp_pa
     reason = sandbox.unavailable_reason()
     if reason:
         pytest.skip(f"local launcher cluster: {reason}")
-    entrypoint = f"python -c {json.dumps(JOB)}"
-    run = sandbox.run_in_sandbox([sys.executable, "-c", DRIVER, entrypoint, str(tmp_path / "launch")],
-                                 cwd=ROOT_OF_REPO, timeout=900)
+    entrypoint = f"python -c {shlex.quote(JOB)}"
+    for attempt in (1, 2):
+        log = tmp_path / f"launch-{attempt}" / "launcher.log"
+        run = sandbox.run_in_sandbox([sys.executable, "-c", DRIVER, entrypoint, str(log.parent)],
+                                     cwd=ROOT_OF_REPO, timeout=900)
+        # Ray gives a starting raylet 30 s to register (hard-coded); on an overloaded machine a node can miss it.
+        # That is the machine, not the launcher: one fresh sandbox more, then the failure stands.
+        if run.returncode == 0 or "timed out during startup" not in (log.read_text() if log.exists() else ""):
+            break
     out = run.stdout
-    log = (tmp_path / "launch" / "launcher.log")
     context = out[-4000:] + run.stderr[-4000:] + (log.read_text()[-4000:] if log.exists() else "")
     assert run.returncode == 0, context
     # the cluster came up with the head and both worker nodes

@@ -30,13 +30,21 @@ def test_samples_consumed_counts_every_worker_and_finished_epochs():
     assert ckpt.samples_consumed(0, 5, micro_steps_per_epoch=6, micro_batch=1, workers=3) == 15
 
 
-def test_restarts_read_from_the_logged_steps():
-    assert ckpt.restarts([1, 2, 3, 4, 5, 6]) == []
-    # died after step 3, went on from the checkpoint at step 2: step 3 trained twice
-    assert ckpt.restarts([1, 2, 3, 3, 4, 5, 6]) == [{"at_step": 3, "resumed_from_step": 2, "steps_lost": 1}]
-    assert ckpt.restarts([1, 2, 3, 4, 5, 1, 2]) == [{"at_step": 5, "resumed_from_step": 0, "steps_lost": 5}]
-    assert ckpt.restarts([1, 2, 3, 2, 3, 4, 3, 4]) == [{"at_step": 3, "resumed_from_step": 1, "steps_lost": 2},
-                                                       {"at_step": 4, "resumed_from_step": 2, "steps_lost": 2}]
+def test_restarts_read_from_the_steps_and_failures_the_driver_saw():
+    assert ckpt.restarts([1, 2, 3, 4]) == []
+    # step 3 reported, then the failure; the restart went on from the checkpoint at step 2: step 3 again
+    assert ckpt.restarts([1, 2, 3, None, 3, 4]) == [
+        {"last_reported_step": 3, "resumed_from_step": 2, "reported_steps_redone": 1}]
+    # the dead worker's last report never arrived: the driver saw step 2 last
+    assert ckpt.restarts([1, 2, None, 3, 4]) == [
+        {"last_reported_step": 2, "resumed_from_step": 2, "reported_steps_redone": 0}]
+    # a resumed run (from step 4) failing before its first report, then again after step 7
+    assert ckpt.restarts([None, 5, 6, 7, None, 7], resumed_from=4) == [
+        {"last_reported_step": 4, "resumed_from_step": 4, "reported_steps_redone": 0},
+        {"last_reported_step": 7, "resumed_from_step": 6, "reported_steps_redone": 1}]
+    # the last failure ended the run
+    assert ckpt.restarts([1, None]) == [{"last_reported_step": 1, "resumed_from_step": None,
+                                         "reported_steps_redone": None}]
 
 
 def test_a_checkpoint_registered_by_this_run_wins_over_the_drivers_choice():

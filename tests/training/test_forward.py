@@ -108,3 +108,71 @@ def test_a_batch_without_response_tokens_gives_zeros_and_a_graph():
     logps, counts = sequence_logps_of(fused, batch)
     assert logps.tolist() == [0.0, 0.0] and counts.tolist() == [0, 0]
     logps.sum().backward()  # no error: the loss of such a batch is a differentiable zero
+
+
+def zero3_differences(model_dir: str) -> dict:
+    """Under DeepSpeed ZeRO-3 (one process, gloo): the largest differences between the head and the full-logits
+    path, in log-probs and in every trained parameter's full gradient, full-rank and LoRA. Runs in a subprocess."""
+    import os
+    import socket
+
+    import deepspeed
+
+    from training import ds_config
+    from training.loop import load_under_zero_init, wrap_lora
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    config = ds_config.deepspeed_config(micro_batch=3, accum=1, workers=1, precision="fp32")
+    config["zero_allow_untested_optimizer"] = True
+    lora = {"adapter_dim": 4, "alpha": 8, "adapter_dropout": 0.0, "target_modules": "all-linear",
+            "loraplus_lr_ratio": 0.0}
+    out = {}
+    for use_lora in (False, True):
+        runs = []
+        for head in (False, True):
+            torch.manual_seed(0)
+            model, _keep = load_under_zero_init(model_dir, torch.float32, config, {})
+            if head:
+                add_logps_head(model)
+            if use_lora:
+                model = wrap_lora(model, lora, torch.float32, False)
+                for name, param in model.named_parameters():  # B = 0 at init would give A no gradient
+                    if "lora_B" in name:
+                        torch.nn.init.normal_(param, std=0.1)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            logps, _ = sequence_logps_of(engine, collate_pairs(PAIRS, pad_id=0), head=head)
+            engine.backward((logps * torch.arange(1.0, 7.0)).sum())
+            grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
+                     if p.requires_grad}
+            runs.append((logps.detach(), grads))
+        (plain, plain_grads), (fused, fused_grads) = runs
+        out["lora" if use_lora else "full"] = {
+            "logps": (plain - fused).abs().max().item(), "grads": len(plain_grads),
+            "grad": max((plain_grads[n] - fused_grads[n]).abs().max().item() for n in plain_grads),
+            "largest_grad": max(g.abs().max().item() for g in plain_grads.values())}
+    return out
+
+
+@pytest.mark.slow
+def test_head_gradients_equal_full_logits_under_zero3(tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import json; from tests.training.test_forward import zero3_differences; "
+            f"print('RESULT', json.dumps(zero3_differences({str(tiny_model_dir)!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["full"]["grads"] == 21 and result["lora"]["grads"] == 28  # every weight; every LoRA A and B
+    for kind in ("full", "lora"):
+        assert result[kind]["largest_grad"] > 1e-3  # the comparison is not between zeros
+        assert result[kind]["logps"] < 1e-5 and result[kind]["grad"] < 1e-5 * result[kind]["largest_grad"]

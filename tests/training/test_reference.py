@@ -127,7 +127,7 @@ def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_
     r = recipe(str(tiny_model_dir), out=str(tmp_path / "out"))
     r["training_config"]["max_length"] = 128
     said: list[str] = []
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=3, include_dashboard=False)  # a tokenizer actor, a model actor, the read tasks
     try:
         def run(r):
             datasets = {"train": tokenized_dataset([str(data)], r, "train", 0.0)}

@@ -153,6 +153,15 @@ def descendants(pid: int) -> list:
     return psutil.Process(pid).children(recursive=True)
 
 
+def still_running(process) -> bool:
+    """A process that exited but was not reaped yet (a zombie: its parent died too) holds nothing: gone."""
+    psutil = pytest.importorskip("psutil")
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
 def reference(workspace):
     """The uninterrupted run every failure run is compared with."""
@@ -195,16 +204,23 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace
     summary = json.loads(storage.read_bytes(f"{run_uri}/summary.json"))
     assert summary["steps"] == summary["planned_steps"] == STEPS
     assert summary["worker_failures"] == 1
-    assert summary["restarts"] == [{"at_step": 3, "resumed_from_step": 2, "steps_lost": 1}]
-    rows = metrics(run_uri)
-    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 3, 4, 5, 6, 7, 8]  # step 3 again
     lines = trace_lines(trace)
     rank1 = [(x["step"], x["pid"]) for x in lines if x["rank"] == 1]
-    assert rank1[:3] == [(1, victim), (2, victim), (3, victim)]
-    assert [s for s, _ in rank1[3:]] == [3, 4, 5, 6, 7, 8] and all(p != victim for _, p in rank1[3:])
+    assert rank1[:3] == [(1, victim), (2, victim), (3, victim)]  # killed after training step 3 ...
+    assert [s for s, _ in rank1[3:]] == [3, 4, 5, 6, 7, 8] and all(p != victim for _, p in rank1[3:])  # ... redone
+    # step 3's report may or may not have left the killed worker before it died: the driver's view follows
+    reported = 3 if summary["restarts"][0]["last_reported_step"] == 3 else 2
+    assert summary["restarts"] == [{"last_reported_step": reported, "resumed_from_step": 2,
+                                    "reported_steps_redone": reported - 2}]
+    rows = metrics(run_uri)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3][:reported] + [3, 4, 5, 6, 7, 8]
     assert_continues_the_reference(train_losses(rows), sources_by_step(lines), reference)
     assert storage.exists(f"{run_uri}/model/adapter_model.safetensors")
     assert storage.exists(f"{run_uri}/manifest.json")
+    lost = max(s for s, p in rank1 if p == victim) - (min(s for s, p in rank1 if p != victim) - 1)
+    assert lost == 1
+    print(f"failure-record: worker process SIGKILLed after step 3 | survived: {summary['steps']}/{STEPS} steps "
+          f"| went on from the step-2 checkpoint | steps lost: {lost}")
 
 
 def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_server_restart(
@@ -226,9 +242,10 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
             process.kill()
         except Exception:  # noqa: BLE001 - already gone
             pass
-    psutil = pytest.importorskip("psutil")
-    _, alive = psutil.wait_procs(run_processes, timeout=30)
-    assert alive == [], f"left behind: {[p.pid for p in alive]}"
+    deadline = time.time() + 30
+    while (alive := [p for p in run_processes if still_running(p)]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert alive == [], f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
     second_log, second_trace = workspace / "driver-kill-2.log", workspace / "trace-driver-kill-2"
     second = Run(recipe, second_trace, second_log, hold_at=3)  # the same command, run again
@@ -245,9 +262,11 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
     assert f"step 2/{STEPS}, 16 pairs consumed" in out  # 2 steps × 2 workers × one micro-batch of 4 pairs
     second_lines = trace_lines(second_trace)
     assert min(x["step"] for x in second_lines) == 3  # first new step = checkpoint step + 1
+    # each step once on each rank: the server outage cost no restart
+    assert sorted((x["step"], x["rank"]) for x in second_lines) == [(s, r) for s in range(3, STEPS + 1) for r in (0, 1)]
     assert {x["pid"] for x in second_lines}.isdisjoint({x["pid"] for x in trace_lines(first_trace)})
     summary = json.loads(storage.read_bytes(f"{run_uri}/summary.json"))
-    assert summary["steps"] == STEPS and summary["resumed_from"]["step"] == 2
+    assert summary["steps"] == STEPS and summary["resumed_from"]["step"] == 2 and summary["worker_failures"] == 0
     rows = metrics(run_uri)
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, STEPS + 1))  # the curve continues
     first_steps = {k: v for k, v in sources_by_step(trace_lines(first_trace)).items() if k[0] <= 2}
@@ -256,6 +275,12 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
     assert checkpoints and all(ckpt.missing_parts(u) == [] for u in checkpoints)
     assert max(ckpt.read_state(u)["step"] for u in checkpoints) == 6
     assert storage.exists(f"{run_uri}/model/adapter_model.safetensors") and storage.exists(f"{run_uri}/manifest.json")
+    lost = max(x["step"] for x in trace_lines(first_trace)) - (min(x["step"] for x in second_lines) - 1)
+    assert lost == 1
+    print(f"failure-record: driver SIGKILLed after step 3 (its Ray cluster with it), same command rerun | survived: "
+          f"{summary['steps']}/{STEPS} steps | went on from the step-2 checkpoint in S3 | steps lost: {lost}")
+    print(f"failure-record: S3 server stopped for ~2 s while the step-4 checkpoint was uploading | survived "
+          f"(retried with back-off) | steps lost: 0")
 
 
 def test_a_bucket_that_disappears_stops_the_run_with_a_storage_error_naming_the_path(workspace, s3_server):
@@ -271,3 +296,5 @@ def test_a_bucket_that_disappears_stops_the_run_with_a_storage_error_naming_the_
     assert "s3://resume-gone/bucket-gone/ray_train/checkpoint_" in out
     assert "the bucket does not exist" in out
     assert "Traceback" not in out
+    print("failure-record: bucket deleted before the step-2 checkpoint | not survivable: the run stopped with a "
+          "storage error naming the path (exit 4)")

@@ -35,7 +35,7 @@ INSTRUCTION = (f"To call a tool, reply with only {TOOL_CALL_OPEN}[{{\"name\": \"
                f"{{...}}}}]{TOOL_CALL_CLOSE}. If the question lacks a required argument, ask the user for it. If no "
                "tool can answer the question, say that you cannot help with it.")
 NO_TOOLS = "You have no tools."
-MAX_DESCRIPTION_CHARS = 120  # one sentence is enough to tell tools apart; longer ones are cut at a word
+MAX_DESCRIPTION_CHARS = 80  # one sentence is enough to tell tools apart; longer ones are cut at a word
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 

@@ -268,7 +268,7 @@ def run_side(side: str, setup_path: Path, threads: int) -> dict:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = RssSampler(proc.pid)
     first_step_s, result, tail = None, None, []
-    log = open(setup_path.parent / f"{side}.out", "w")
+    log = open(setup_path.parent / f"{side}.out", "w", buffering=1)  # line-buffered: follow it with tail -f
     for line in proc.stdout:
         log.write(line)
         tail = (tail + [line.rstrip()])[-40:]

@@ -128,8 +128,10 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
             if "exception" in event:
                 worker_failures += 1
                 step_events.append(None)
-                say(f"worker failure {worker_failures} (max_failures={tc['max_failures']}; a restart goes on from "
-                    f"the last complete checkpoint): {list(event['exception'].values())[0][:300]}")
+                restart = ("no restart left" if -1 < tc["max_failures"] < worker_failures else
+                           "restarting from the last complete checkpoint")
+                say(f"worker failure {worker_failures} ({restart}; max_failures={tc['max_failures']}): "
+                    f"{list(event['exception'].values())[0][:300]}")
                 continue
             report = event["metrics"]
             for row in report.get("reports", []):

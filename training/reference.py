@@ -39,9 +39,12 @@ def token_settings(recipe: dict, precision: str) -> dict:
     """The recipe values that change which tokens a pair has, which pairs a split holds, or the numbers computed."""
     tc = recipe["training_config"]
     data = tc["data"]
-    return {"max_length": tc["max_length"], "precision": precision, "seed": tc["seed"],
-            **{k: data[k] for k in ("format", "key_map", "prompt_truncation", "max_prompt_length", "system_prompt",
-                                    "validation_fraction")}}
+    settings = {"max_length": tc["max_length"], "precision": precision,
+                **{k: data[k] for k in ("format", "key_map", "prompt_truncation", "max_prompt_length",
+                                        "system_prompt", "validation_fraction")}}
+    if data["validation_fraction"]:
+        settings["seed"] = tc["seed"]  # the seed picks the held-out pairs; otherwise a seed sweep shares the cache
+    return settings
 
 
 def model_fingerprint(source: str) -> object:

@@ -84,8 +84,9 @@ export HOME={paths['client']}
 cd {cwd}
 {' '.join(_quote(c) for c in command)}
 rc=$?
+# the [x] patterns keep Ray's own names out of this script's command line: `ray stop` matches command lines
 echo LEFT-OVER-RAY-PROCESSES:
-ps -eo pid,args | grep -E 'raylet|gcs_server|dashboard/dashboard.py|ray::' | grep -v grep
+ps -eo pid,args | grep -E '[r]aylet|[g]cs_server|[d]ashboard/dashboard.py|[r]ay::'
 exit $rc
 """
     try:

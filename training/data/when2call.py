@@ -222,6 +222,17 @@ def read_raw(paths: list[str]) -> tuple[list[tuple[dict, str]], list[tuple[str, 
     return rows, bad
 
 
+def _converted(rows: list[tuple[dict, str]], bad: list) -> list[tuple[list, dict]]:
+    """(pairs, gen_qa row) per good row; each bad row's (file:line, reason) is appended to `bad`."""
+    out = []
+    for row, source in rows:
+        try:
+            out.append((preference_pairs(row, source), gen_qa_row(row, source)))
+        except RowProblem as err:
+            bad.append((source, str(err)))
+    return out
+
+
 def convert_rows(rows: list[tuple[dict, str]], *, heldout: list[tuple[dict, str]] | None = None,
                  heldout_fraction: float = 0.0, seed: int = 0,
                  bad_rows: list[tuple[str, str]] | None = None) -> Converted:
@@ -230,28 +241,18 @@ def convert_rows(rows: list[tuple[dict, str]], *, heldout: list[tuple[dict, str]
     heldout: rows to hold out instead of a split (then every row of `rows` trains); else a stratified split.
     """
     bad = list(bad_rows or [])
-    good = []
-    for row, source in rows:
-        try:
-            good.append((row, source, preference_pairs(row, source), gen_qa_row(row, source)))
-        except RowProblem as err:
-            bad.append((source, str(err)))
+    good = _converted(rows, bad)
     if heldout is not None:
-        held_good = []
-        for row, source in heldout:
-            try:
-                held_good.append((row, source, preference_pairs(row, source), gen_qa_row(row, source)))
-            except RowProblem as err:
-                bad.append((source, str(err)))
-        train, held = good, held_good
+        train, held = good, _converted(heldout, bad)
     else:
-        flags = stratified_split([g[3]["behaviour"] for g in good], heldout_fraction, seed)
+        flags = stratified_split([qa["behaviour"] for _, qa in good], heldout_fraction, seed)
         train = [g for g, f in zip(good, flags) if not f]
         held = [g for g, f in zip(good, flags) if f]
-    return Converted(train_pairs=[p for g in train for p in g[2]], heldout_pairs=[p for g in held for p in g[2]],
-                     train_qa=[g[3] for g in train], heldout_qa=[g[3] for g in held], bad_rows=bad,
-                     behaviours={"train": dict(Counter(g[3]["behaviour"] for g in train)),
-                                 "heldout": dict(Counter(g[3]["behaviour"] for g in held))})
+    return Converted(train_pairs=[p for pairs, _ in train for p in pairs],
+                     heldout_pairs=[p for pairs, _ in held for p in pairs],
+                     train_qa=[qa for _, qa in train], heldout_qa=[qa for _, qa in held], bad_rows=bad,
+                     behaviours={"train": dict(Counter(qa["behaviour"] for _, qa in train)),
+                                 "heldout": dict(Counter(qa["behaviour"] for _, qa in held))})
 
 
 OUTPUT_FILES = {"train_pairs": "train/pairs.jsonl", "heldout_pairs": "heldout/pairs.jsonl",

@@ -11,7 +11,8 @@ from training.data.pipeline import (as_columns, grouped_micro_batches, length_gr
 
 
 def row(prompt: int, chosen: int, rejected: int, tag: int = 0) -> dict:
-    return {"prompt_ids": [1] * prompt, "chosen_ids": [2] * chosen, "rejected_ids": [3] * rejected, "source": f"f:{tag}"}
+    return {"prompt_ids": [1] * prompt, "chosen_ids": [2] * chosen, "rejected_ids": [3] * rejected,
+            "source": f"f:{tag}"}
 
 
 def test_pair_width_is_the_longer_sequence():

@@ -82,11 +82,11 @@ class MemorySampler(threading.Thread):
         self.interval_s = interval_s
         self.peaks: dict[int, dict] = {}
         self.tree_peak = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         root = psutil.Process()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             total = 0
             for proc in [root, *root.children(recursive=True)]:
                 try:
@@ -100,11 +100,15 @@ class MemorySampler(threading.Thread):
                 peak["private"] = max(peak["private"], info.rss - info.shared)
                 peak["titles"].add(title)
             self.tree_peak = max(self.tree_peak, total)
-            self._stop.wait(self.interval_s)
+            self._done.wait(self.interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join()
+        self._done.set()
+        if self.is_alive():
+            self.join()
+
+
+RAY_AGENTS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def role_of(pid: int, titles: set[str], driver: int, consumers: set[int]) -> str:
@@ -112,12 +116,30 @@ def role_of(pid: int, titles: set[str], driver: int, consumers: set[int]) -> str
         return "driver"
     if pid in consumers:
         return "consumer"
-    if any(t.startswith("ray::") for t in titles):
-        return "ray_data_worker"  # task workers; they also run Ray Data's split coordinator
-    return "ray_system"  # raylet, gcs_server, agents, log monitor
+    if any(t.startswith("ray::") and not t.startswith(RAY_AGENTS) for t in titles):
+        return "ray_data_worker"  # ran read/parse tasks or Ray Data's split coordinator
+    if any("default_worker.py" in t for t in titles):
+        return "ray_idle_worker"  # a worker process started but never given a task while sampled
+    return "ray_system"  # raylet, gcs_server, dashboard and runtime-env agents, monitors
 
 
 # ---------------------------------------------------------------- one run
+
+def start_ray(tries: int = 3) -> None:
+    """A fresh local Ray session (never someone else's: address="local"). Ray waits a fixed 30 s for its raylet,
+    which a busy machine can miss; that failure leaves nothing behind, so it is simply tried again."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as err:  # noqa: BLE001 - only Ray's startup timeout is retried
+            if "timed out during startup" not in str(err) or attempt == tries:
+                raise
+            ray.shutdown()
+            print(f"Ray did not start in time (try {attempt} of {tries}); trying again", flush=True)
+
 
 def stream(files: list[str], rows: int) -> dict:
     import ray
@@ -137,7 +159,7 @@ def stream(files: list[str], rows: int) -> dict:
                 bad += batch.num_rows - batch.column("error").null_count
             return {"rows": count, "bad": bad}
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray()
     sampler = MemorySampler()
     try:
         consumers = [Consumer.remote() for _ in range(2)]
@@ -156,7 +178,8 @@ def stream(files: list[str], rows: int) -> dict:
         raise SystemExit(f"wrote {rows} rows but the consumers got {consumed} ({sum(r['bad'] for r in results)} bad)")
     processes = [{"pid": pid, "role": role_of(pid, p["titles"], os.getpid(), consumer_pids),
                   "peak_rss_mb": round(p["rss"] / MB, 1), "peak_private_mb": round(p["private"] / MB, 1),
-                  "titles": sorted(t for t in p["titles"] if t and "IDLE" not in t)[:4]}
+                  "titles": sorted(t.split(" ")[0] if t.startswith("ray::") else t for t in p["titles"]
+                                   if t and not t.startswith("ray::IDLE"))[:4]}
                  for pid, p in sampler.peaks.items()]
     return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
             "per_consumer_rows": [r["rows"] for r in results], "tree_peak_rss_mb": round(sampler.tree_peak / MB, 1),
@@ -166,7 +189,7 @@ def stream(files: list[str], rows: int) -> dict:
 def peaks_by_role(result: dict) -> dict:
     """The largest single-process peak of each role, RSS and private, plus the peak of the whole tree."""
     out = {"tree_rss_mb": result["tree_peak_rss_mb"]}
-    for role in ("driver", "consumer", "ray_data_worker", "ray_system"):
+    for role in ("driver", "consumer", "ray_data_worker", "ray_idle_worker", "ray_system"):
         procs = [p for p in result["processes"] if p["role"] == role]
         out[f"{role}_rss_mb"] = max((p["peak_rss_mb"] for p in procs), default=0.0)
         out[f"{role}_private_mb"] = max((p["peak_private_mb"] for p in procs), default=0.0)

@@ -258,7 +258,7 @@ def run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, work
         client = job_client(f"http://127.0.0.1:{local_port}", env)
         wait_for_nodes(f"http://127.0.0.1:{local_port}", replicas + 1, nodes_timeout_s, say, env)
         runtime_env = {"working_dir": str(working_dir), "env_vars": dict(workdir_env or {})}
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        job_id = submit_job(client, entrypoint, runtime_env)
         say(f"job {job_id} submitted: {entrypoint}")
         try:
             stream_logs(client, job_id, say)
@@ -387,6 +387,18 @@ def wait_for_nodes(url: str, count: int, timeout_s: float, say: Say, env: dict) 
                        why="the head's autoscaler could not start every worker node",
                        fix="look at the autoscaler's log on the head (`ray exec CLUSTER.yaml 'tail -n 100 "
                            "/tmp/ray/session_latest/logs/monitor.*'`); check the provider's quotas")
+
+
+def submit_job(client, entrypoint: str, runtime_env: dict, timeout_s: float = 180) -> str:
+    """submit_job, again while the head's job agent is still starting (Ray answers "try again later")."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(5)
 
 
 def stream_logs(client, job_id: str, say: Say) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import time
 
 import pytest
 
@@ -34,9 +35,15 @@ def head():
 
 def submit(head, *entrypoint: str, token: str | None = None) -> subprocess.CompletedProcess:
     env = head.client_env() if token is None else head.client_env(RAY_AUTH_TOKEN=token)
-    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
-                           "--", *entrypoint], cwd=ROOT_OF_REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    for _ in range(20):
+        run = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir",
+                              ".", "--", *entrypoint], cwd=ROOT_OF_REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+        # A head that has just started may not have its job agent yet; Ray says to try again.
+        if "No available agent to submit job" not in run.stderr + run.stdout:
+            return run
+        time.sleep(5)
+    return run
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def ray_session(s3_server):  # noqa: F811 - the S3 environment must be set befor
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # rows in file order, files in (shuffled) list order

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.errors import ConfigError
+from training.tracking import flatten, is_number  # one definition for the trackers and the report
 
 RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "summary.json", "data_summary.json", "model", "eval")
 MAX_EXAMPLES = 3
@@ -94,21 +95,6 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def series(rows: list[dict], key: str, split: str) -> tuple[list, list]:

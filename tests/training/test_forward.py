@@ -159,20 +159,24 @@ def zero3_differences(model_dir: str) -> dict:
 
 
 @pytest.mark.slow
-def test_head_gradients_equal_full_logits_under_zero3(tiny_model_dir):
+@pytest.mark.parametrize("tie", [False, True])
+def test_head_gradients_equal_full_logits_under_zero3(tmp_path, tie):
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    model_dir = tmp_path / "model"
+    tiny_llama(tie).save_pretrained(model_dir)  # tied: the head is the embedding, which ZeRO-3 must gather twice
     code = ("import json; from tests.training.test_forward import zero3_differences; "
-            f"print('RESULT', json.dumps(zero3_differences({str(tiny_model_dir)!r})))")
+            f"print('RESULT', json.dumps(zero3_differences({str(model_dir)!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(line[len("RESULT "):])
-    assert result["full"]["grads"] == 21 and result["lora"]["grads"] == 28  # every weight; every LoRA A and B
+    # every weight (the tied head is the embedding: one fewer); every LoRA A and B
+    assert result["full"]["grads"] == (20 if tie else 21) and result["lora"]["grads"] == 28
     for kind in ("full", "lora"):
         assert result[kind]["largest_grad"] > 1e-3  # the comparison is not between zeros
         assert result[kind]["logps"] < 1e-5 and result[kind]["grad"] < 1e-5 * result[kind]["largest_grad"]

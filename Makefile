@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 
 # Slow tests start local Ray clusters; a run that loses a race on a busy machine gets one more try.
 test: setup
-	$(BIN)/pytest -q -ra --reruns 1 --reruns-delay 5
+	$(BIN)/pytest -q -ra --durations=15 --reruns 1 --reruns-delay 5
 
 test-fast: setup
 	$(BIN)/pytest -q -ra -m "not slow"

@@ -173,18 +173,23 @@ def raydpo_command() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "launcher.cli"]
 
 
-def run_command(args: list[str], log: list[dict]) -> float:
-    """Runs `raydpo ARGS` in the repository root, output streaming through; returns its seconds."""
+def run_command(args: list[str], log: list[dict], attempts: int = 1) -> float:
+    """Runs `raydpo ARGS` in the repository root, output streaming through; returns its seconds.
+
+    attempts > 1 reruns a failed command: `raydpo train` run again resumes from the run's last complete checkpoint
+    (on a shared machine, Ray's memory monitor may kill a whole run when other processes fill the memory).
+    """
     command = raydpo_command() + args
     shown = "raydpo " + " ".join(shlex.quote(a) for a in args)
-    print(f"\n$ {shown}", flush=True)
-    started = time.time()
-    code = subprocess.call(command, cwd=ROOT)
-    seconds = time.time() - started
-    log.append({"command": shown, "exit_code": code, "seconds": round(seconds, 1)})
-    if code != 0:
-        raise SystemExit(f"`{shown}` failed with exit code {code} after {seconds:.0f}s")
-    return seconds
+    for attempt in range(1, attempts + 1):
+        print(f"\n$ {shown}" + (f"   # attempt {attempt}, resuming" if attempt > 1 else ""), flush=True)
+        started = time.time()
+        code = subprocess.call(command, cwd=ROOT)
+        seconds = time.time() - started
+        log.append({"command": shown, "exit_code": code, "seconds": round(seconds, 1), "attempt": attempt})
+        if code == 0:
+            return seconds
+    raise SystemExit(f"`{shown}` failed with exit code {code} after {seconds:.0f}s ({attempts} attempt(s))")
 
 
 def shared_dir() -> Path:
@@ -279,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--judge", action="store_true", help="also run the llm_judge evaluation (slow on CPU)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in WORK")
     parser.add_argument("--prepare-only", action="store_true", help="write the data and stop")
+    parser.add_argument("--train-attempts", type=int, default=3, metavar="N",
+                        help="run `raydpo train` up to N times; each rerun resumes from the last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to `raydpo train`")
     args = parser.parse_args(argv)
     if args.heldout and args.dataset != "when2call":
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.skip_train:
         run_command(["train", spec["recipe"], f"run.data_s3_path={data / 'train'}", f"run.output_s3_path={work}",
-                     f"run.name={spec['run']}", *args.overrides], log)
+                     f"run.name={spec['run']}", *args.overrides], log, attempts=args.train_attempts)
     tasks = ["preference", "gen_qa"] + (["llm_judge"] if args.judge else [])
     for task in tasks:
         recipe, held = spec["eval"][task]

@@ -283,6 +283,9 @@ def run_side(side: str, setup_path: Path, threads: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
+    # a loaded machine can take longer than Ray's defaults to start the dashboard agent: wait, do not fail
+    env.setdefault("RAY_agent_register_timeout_ms", "180000")
+    env.setdefault("RAY_raylet_start_wait_time_s", "180")
     started = time.time()
     proc = subprocess.Popen([sys.executable, __file__, "_child", side, str(setup_path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

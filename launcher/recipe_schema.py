@@ -169,6 +169,9 @@ K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
 DATA_FORMATS = ("auto", "nova", "trl", "hh", "sharegpt", "openai", "nemo", "when2call")
 DROPOUT = interval(0.0, 1.0)
+# "s3://s3://bucket" (a scheme pasted twice) lists through s3fs but fails on read: catch it here
+ONE_SCHEME = Rule(lambda v: v.count("://") <= 1 and v.strip() != "", "a path or URI with at most one scheme "
+                  "(s3://bucket/prefix, /local/folder)")
 
 RULES: dict[str, Rule] = {
     "run.name": Rule(
@@ -178,6 +181,9 @@ RULES: dict[str, Rule] = {
     ),
     "run.model_name_or_path": Rule(lambda v: v.strip() != "", "a hub id, local folder, s3:// URI or .gguf file"),
     "run.replicas": int_range(1),
+    "run.data_s3_path": ONE_SCHEME,
+    "run.validation_data_s3_path": ONE_SCHEME,
+    "run.output_s3_path": ONE_SCHEME,
     "training_config.max_length": int_range(128, 32768),
     "training_config.global_batch_size": int_range(1),
     "training_config.micro_batch_size": int_range(1),

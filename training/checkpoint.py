@@ -72,8 +72,9 @@ def restarts(events: list[int | None], resumed_from: int = 0) -> list[dict]:
             continue
         following = next((e for e in events[i + 1:] if e is not None), None)
         resumed = None if following is None else following - 1
+        # a restart can go on from a checkpoint newer than the last report (the reports died with the worker)
         found.append({"last_reported_step": last, "resumed_from_step": resumed,
-                      "reported_steps_redone": None if resumed is None else last - resumed})
+                      "reported_steps_redone": None if resumed is None else max(0, last - resumed)})
     return found
 
 
@@ -88,27 +89,40 @@ def plan_mismatches(saved: dict, current: dict) -> list[str]:
 
 
 def checkpoint_to_restore(ray_checkpoint_name: str | None, ray_checkpoint_uri: str | None,
-                          name_at_start: str | None, resume_from: str | None) -> str | None:
-    """Which checkpoint a worker loads. A checkpoint that Ray hands over and that was registered by this run (after a
-    worker-group restart) wins; otherwise the one the driver chose (found by itself, or --resume-from), else none.
+                          name_at_start: str | None, resume_from: str | None,
+                          newest_written_here: str | None = None) -> str | None:
+    """Which checkpoint a worker loads. After a worker-group restart, the newest complete checkpoint this run wrote
+    (found by listing: Ray registers a checkpoint only once its controller has polled the report, and a worker that
+    dies between the upload and that poll leaves a complete checkpoint Ray does not know), else one Ray hands over
+    that this run registered; otherwise the one the driver chose (found by itself, or --resume-from), else none.
     Ray also hands over the latest checkpoint of an earlier run under the same name: the driver's choice covers it."""
+    if newest_written_here is not None:
+        return newest_written_here
     if ray_checkpoint_name is not None and ray_checkpoint_name != name_at_start:
         return ray_checkpoint_uri
     return resume_from
 
 
+def newest_written_since(ray_train_uri: str, names_at_start: list[str]) -> str | None:
+    """The complete checkpoint with the highest step among those not there when the run started."""
+    found = latest_complete(ray_train_uri, skip=set(names_at_start))
+    return found[0] if found else None
+
+
 # ---------------------------------------------------------------- worker side: save
 
 def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int, plan: dict, seed: int,
-                     lora: bool) -> None:
-    """Writes this rank's part of a checkpoint into a local folder, its completeness marker last."""
+                     lora: bool, rows: list[dict] = ()) -> None:
+    """Writes this rank's part of a checkpoint into a local folder, its completeness marker last. rows: the metrics
+    rows since the previous checkpoint, replayed to the driver after a restart (it may never have received them)."""
     engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=lora)  # collective; LoRA: adapters only
     torch.save(rng_state(), Path(folder) / rng_name(rank))
     if rank == 0:
         saved = state | {"samples_consumed": samples_consumed(state["epoch"], state["micro_in_epoch"],
                                                               plan["micro_steps_per_epoch"], plan["micro_batch"],
                                                               world),
-                         "world_size": world, "lora": lora, "plan": plan_fingerprint(plan, seed)}
+                         "world_size": world, "lora": lora, "plan": plan_fingerprint(plan, seed),
+                         "rows": list(rows)}
         (Path(folder) / STATE_FILE).write_text(json.dumps(saved, indent=1))
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
@@ -116,12 +130,14 @@ def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int,
 
 
 def save_and_report(engine, state: dict, reports: list[dict], *, rank: int, world: int, plan: dict, seed: int,
-                    lora: bool) -> None:
-    """Saves a checkpoint and reports it with this step's metrics; the upload runs while training goes on."""
+                    lora: bool, unsaved_rows: list[dict] = ()) -> None:
+    """Saves a checkpoint and reports it with this step's metrics; the upload runs while training goes on.
+    unsaved_rows: the rows reported since the previous checkpoint, kept in this one with this step's."""
     import ray.train
 
     folder = tempfile.mkdtemp(prefix="raydpo-ckpt-")  # Ray deletes it once uploaded
-    write_checkpoint(engine, folder, state, rank=rank, world=world, plan=plan, seed=seed, lora=lora)
+    write_checkpoint(engine, folder, state, rank=rank, world=world, plan=plan, seed=seed, lora=lora,
+                     rows=[*unsaved_rows, *reports])
     ray.train.report({"reports": reports, "checkpoint_step": state["step"]},
                      checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
@@ -165,11 +181,16 @@ def upload_folder(local_dir: str, uri: str, *, retry: storage.RetryPolicy = stor
 def restore_if_resuming(engine, plan: dict, rank: int) -> dict | None:
     """Restores the checkpoint this worker should start from (see checkpoint_to_restore); None: from scratch."""
     import ray.train
+    import torch.distributed as dist
 
     handed = ray.train.get_checkpoint()
+    # rank 0 lists, every rank loads the same one: a listing per rank could differ while uploads land
+    newest = [newest_written_since(plan["ray_train_uri"], plan["checkpoints_at_start"]) if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(newest, src=0)
     chosen = checkpoint_to_restore(Path(handed.path).name if handed else None,
                                    storage.uri_for(handed.path, plan["run_uri"]) if handed else None,
-                                   plan.get("ray_checkpoint_at_start"), plan.get("resume_from"))
+                                   plan.get("ray_checkpoint_at_start"), plan.get("resume_from"), newest[0])
     return restore(engine, chosen, rank) if chosen else None
 
 
@@ -182,7 +203,7 @@ def restore(engine, uri: str, rank: int) -> dict:
         rng_file = Path(folder) / rng_name(rank)
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-    return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")}
+    return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")} | {"rows": saved.get("rows", [])}
 
 
 @contextmanager
@@ -263,11 +284,19 @@ def snapshot_latest(ray_train_uri: str) -> str | None:
     return latest["checkpoint_dir_name"] if latest else None
 
 
-def latest_complete(ray_train_uri: str) -> tuple[str, dict] | None:
-    """(uri, saved state) of the complete checkpoint with the highest step under the run's Ray Train folder."""
+def checkpoint_names(ray_train_uri: str) -> list[str]:
+    """The checkpoint folders under the run's Ray Train folder, complete or not."""
+    names = [uri.rstrip("/").rsplit("/", 1)[-1] for uri in storage.list_dirs(ray_train_uri)]
+    return sorted(n for n in names if n.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_complete(ray_train_uri: str, skip: set[str] = frozenset()) -> tuple[str, dict] | None:
+    """(uri, saved state) of the complete checkpoint with the highest step under the run's Ray Train folder,
+    leaving out the folder names in skip."""
     best = None
     for uri in storage.list_dirs(ray_train_uri):
-        if not uri.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX) or missing_parts(uri):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith(CHECKPOINT_PREFIX) or name in skip or missing_parts(uri):
             continue
         saved = read_state(uri)
         if best is None or (saved["step"], uri) > (best[1]["step"], best[0]):

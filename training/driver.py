@@ -93,7 +93,9 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
 
     # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
     resume = ckpt.resume_point(f"{uri}/{RAY_TRAIN_DIR}", resume_from)
-    plan |= {"resume_from": resume["uri"], "ray_checkpoint_at_start": resume["ray_latest"]}
+    plan |= {"resume_from": resume["uri"], "ray_checkpoint_at_start": resume["ray_latest"],
+             "ray_train_uri": f"{uri}/{RAY_TRAIN_DIR}",
+             "checkpoints_at_start": ckpt.checkpoint_names(f"{uri}/{RAY_TRAIN_DIR}")}
     resumed_step = resume["state"]["step"] if resume["uri"] else 0
     if resume["uri"]:
         ckpt.check_resumable(resume["state"], plan, tc["seed"], resume["uri"])
@@ -136,11 +138,17 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
             report = event["metrics"]
             for row in report.get("reports", []):
                 row = {k: row[k] for k in METRIC_KEYS if k in row} | {"total_steps": plan["total_steps"]}
+                if report.get("replayed"):  # from the checkpoint a restart went on from: only what never arrived
+                    if (row["split"], row["step"]) in {(r["split"], r["step"]) for r in metrics_rows}:
+                        continue
+                    say(f"step {row['step']} ({row['split']}): its metrics came back with the checkpoint")
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 metrics_rows.append(row)
-                step_events += [row["step"]] if row["split"] == "train" else []
+                step_events += [row["step"]] if row["split"] == "train" and not report.get("replayed") else []
                 tracking.log_metrics(trackers, tracking.row_metrics(row), row["step"])
+                if report.get("replayed"):
+                    continue
                 say(format_progress(row | {"elapsed_s": row.get("elapsed_s", time.time() - started)})
                     if row["split"] == "train" else format_validation(row))
             if event.get("checkpoint") and storage.is_remote(uri):  # the curve so far survives a driver failure

@@ -85,6 +85,9 @@ def train_loop(config: dict) -> None:
 
     # resuming: after a worker-group restart, a driver rerun or --resume-from (the step, epoch and data position)
     state = ckpt.restore_if_resuming(engine, plan, rank) or {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    replay = state.pop("rows", [])
+    if replay:  # a worker that died may have taken reports with it: the driver keeps the steps it never received
+        ckpt.report({"reports": replay, "replayed": True})
 
     collate = collate_packed if plan["packing"] else partial(collate_pairs, pad_id=tokenizer.pad_token_id)
 
@@ -146,6 +149,7 @@ def train_loop(config: dict) -> None:
     engine.train()
     started = time.time()
     probe_logps = None
+    unsaved_rows: list[dict] = []  # reported since the last checkpoint; the next checkpoint keeps them
     while state["step"] < plan["total_steps"]:
         step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         skip = state["micro_in_epoch"]  # resuming mid-epoch: batches this epoch already trained on
@@ -175,9 +179,11 @@ def train_loop(config: dict) -> None:
             if plan["checkpoint_every"] and state["step"] % plan["checkpoint_every"] == 0 \
                     and state["step"] < plan["total_steps"]:
                 ckpt.save_and_report(engine, state, reports, rank=rank, world=world, plan=plan, seed=tc["seed"],
-                                     lora=lora)
+                                     lora=lora, unsaved_rows=unsaved_rows)
+                unsaved_rows = []
             else:
                 ckpt.report({"reports": reports})
+                unsaved_rows += reports
             ckpt.trace_step(state["step"], rank, step_sources)
             step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         state["epoch"] += 1

@@ -6,13 +6,17 @@ Ray job's entrypoint uses the cluster it runs in (started_here false) rather tha
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import textwrap
 import time
 
 import pytest
+import yaml
 
 from tests.cluster.headnode import BIN, ROOT_OF_REPO, port_open, start_head, stop_head
+
+HEAD_CPUS = 4  # 2 training replicas + the 2 CPUs `raydpo train` keeps for Ray Data (launcher/commands/train.py)
 
 JOB = textwrap.dedent("""
     import json, tempfile
@@ -27,7 +31,7 @@ JOB = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def head():
-    head = start_head(num_cpus=2)
+    head = start_head(num_cpus=HEAD_CPUS)
     yield head
     stop_head(head)
     assert not port_open("127.0.0.1", head.gcs_port) and head.processes() == [], "the head was not stopped"
@@ -54,7 +58,7 @@ def test_ray_job_submit_runs_the_working_dir_on_the_head(head):
     result = json.loads(line.removeprefix("JOB-RESULT "))
     assert result["squares"] == [0, 1, 4, 9, 16]
     assert result["info"]["started_here"] is False  # inside a Ray job: the cluster's, not a new one
-    assert result["info"]["resources"]["CPU"] == 2.0  # this head's --num-cpus
+    assert result["info"]["resources"]["CPU"] == HEAD_CPUS  # this head's --num-cpus
     assert "succeeded" in run.stdout
     assert head.process.poll() is None  # the job left the cluster running
 
@@ -66,7 +70,30 @@ def test_ray_job_submit_without_the_token_is_refused(head):
     assert "should not run" not in run.stdout
 
 
-# TODO(lead): once a tiny training recipe exists under recipes/ (or tests/), add the issue's exact command here:
-#   submit(head, "raydpo", "train", "recipes/<tiny>.yaml", "--replicas", "2")
-# and assert on the run's summary.json; it needs the `raydpo` console script installed (`pip install -e .`) in
-# the environment the head was started from.
+@pytest.mark.slow
+def test_ray_job_submit_raydpo_train_runs_the_recipe_on_the_cluster(head, tmp_path):
+    """The README's command: `ray job submit --address URL --working-dir . -- raydpo train RECIPE --replicas 2`."""
+    from tests.tiny import build_tiny_model_dir
+    from training.data.synthetic import answer_format_pairs
+
+    model_dir = build_tiny_model_dir(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answer_format_pairs(32, 3)))
+    recipe = tmp_path / "job.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run": {"name": "job-run", "model_name_or_path": str(model_dir), "replicas": 1,
+                "data_s3_path": str(tmp_path / "data"), "output_s3_path": str(tmp_path / "out")},
+        "training_config": {"max_length": 128, "global_batch_size": 8, "data": {"validation_fraction": 0.0},
+                            "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
+                                      "peft": {"peft_scheme": "lora"}}}}))
+    run = submit(head, "raydpo", "train", str(recipe), "--replicas", "2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "succeeded" in run.stdout
+    # the run joined this head's cluster (its GCS port) instead of starting one of its own
+    assert re.search(rf"cluster: [\d.]+:{head.gcs_port}, 1 node\(s\)", run.stdout), run.stdout[-3000:]
+    assert "started here" not in run.stdout
+    summary = json.loads((tmp_path / "out" / "job-run" / "summary.json").read_text())
+    assert summary["plan"]["workers"] == 2  # --replicas 2 overrode the recipe's 1
+    assert summary["steps"] == summary["planned_steps"] == 4  # 32 pairs / 8 per step
+    assert (tmp_path / "out" / "job-run" / "model" / "adapter_model.safetensors").exists()
+    assert head.process.poll() is None  # the run used the cluster and left it running

@@ -35,6 +35,9 @@ def test_restarts_read_from_the_steps_and_failures_the_driver_saw():
     # step 3 reported, then the failure; the restart went on from the checkpoint at step 2: step 3 again
     assert ckpt.restarts([1, 2, 3, None, 3, 4]) == [
         {"last_reported_step": 3, "resumed_from_step": 2, "reported_steps_redone": 1}]
+    # steps 2 and 3 never reached the driver, the step-2 checkpoint did: nothing reported was trained again
+    assert ckpt.restarts([1, None, 3, 4]) == [
+        {"last_reported_step": 1, "resumed_from_step": 2, "reported_steps_redone": 0}]
     # the dead worker's last report never arrived: the driver saw step 2 last
     assert ckpt.restarts([1, 2, None, 3, 4]) == [
         {"last_reported_step": 2, "resumed_from_step": 2, "reported_steps_redone": 0}]
@@ -57,6 +60,11 @@ def test_a_checkpoint_registered_by_this_run_wins_over_the_drivers_choice():
     # the driver found nothing complete: from scratch even though Ray's snapshot names one
     assert pick("checkpoint_a", "/r/checkpoint_a", "checkpoint_a", None) is None
     assert pick(None, None, None, None) is None
+    # a worker died after its step-4 checkpoint was uploaded but before Ray's controller registered it: the newest
+    # complete checkpoint this run wrote wins over Ray's older one and over the driver's choice
+    assert pick("checkpoint_b", "/r/checkpoint_b", "checkpoint_a", "/r/checkpoint_a",
+                "/r/checkpoint_c") == "/r/checkpoint_c"
+    assert pick(None, None, None, "/r/checkpoint_a", "/r/checkpoint_c") == "/r/checkpoint_c"
 
 
 def test_resuming_with_another_replica_count_is_refused_naming_the_checkpoints_count():
@@ -186,6 +194,17 @@ def test_latest_complete_skips_a_half_written_newer_checkpoint(tmp_path):
     uri, saved = ckpt.latest_complete(str(ray_train))
     assert uri.endswith("checkpoint_2026-01-01_00-00-02") and saved["step"] == 4
     assert ckpt.latest_complete(str(tmp_path / "empty")) is None
+
+
+def test_newest_written_since_start_leaves_out_what_was_there(tmp_path):
+    ray_train = tmp_path / "ray_train"
+    write_complete_checkpoint(str(ray_train / "checkpoint_2026-01-01_00-00-01"), 2, tmp_path)
+    at_start = ckpt.checkpoint_names(str(ray_train))
+    assert at_start == ["checkpoint_2026-01-01_00-00-01"]
+    assert ckpt.newest_written_since(str(ray_train), at_start) is None  # nothing new: the driver's choice stands
+    write_complete_checkpoint(str(ray_train / "checkpoint_2026-01-01_00-00-05"), 4, tmp_path)
+    assert ckpt.newest_written_since(str(ray_train), at_start).endswith("checkpoint_2026-01-01_00-00-05")
+    assert ckpt.checkpoint_names(str(tmp_path / "nothing")) == []
 
 
 def test_resume_point_explicit_and_found(tmp_path, monkeypatch):

@@ -64,6 +64,15 @@ def write_recipe(workspace: Path, name: str, output: str, max_failures: int = 1)
     return path
 
 
+def fresh_name(workspace: Path, base: str) -> str:
+    """A run name not used yet in this workspace: a rerun of a failed test (pytest --reruns) starts clean instead
+    of finding the first attempt's finished run."""
+    attempt = 1
+    while (workspace / f"{base}-{attempt}.yaml").exists():
+        attempt += 1
+    return f"{base}-{attempt}"
+
+
 RAY_DID_NOT_START = "The current node timed out during startup"  # Ray's fixed 30 s raylet wait, on a busy machine
 
 
@@ -189,10 +198,10 @@ def assert_continues_the_reference(losses: dict[int, float], sources: dict, refe
 # ---------------------------------------------------------------- the failures
 
 def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace, reference):
-    output = str(workspace / "out")
-    log, trace = workspace / "worker-kill.log", workspace / "trace-worker-kill"
-    run = Run(write_recipe(workspace, "worker-kill", output, max_failures=1), trace, log, hold_at=3)
-    ray_train = f"{output}/worker-kill/ray_train"
+    output, name = str(workspace / "out"), fresh_name(workspace, "worker-kill")
+    log, trace = workspace / f"{name}.log", workspace / f"trace-{name}"
+    run = Run(write_recipe(workspace, name, output, max_failures=1), trace, log, hold_at=3)
+    ray_train = f"{output}/{name}/ray_train"
     run.wait_for(lambda: held(trace) and checkpoint_step(ray_train) == 2,
                  "a hold after step 3 with the step-2 checkpoint written")
     victim = next(x["pid"] for x in reversed(trace_lines(trace)) if x["rank"] == 1)
@@ -200,7 +209,7 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace
     out = run.finish()
     assert run.proc.returncode == 0, out[-3000:]
 
-    run_uri = f"{output}/worker-kill"
+    run_uri = f"{output}/{name}"
     summary = json.loads(storage.read_bytes(f"{run_uri}/summary.json"))
     assert summary["steps"] == summary["planned_steps"] == STEPS
     assert summary["worker_failures"] == 1
@@ -208,12 +217,16 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace
     rank1 = [(x["step"], x["pid"]) for x in lines if x["rank"] == 1]
     assert rank1[:3] == [(1, victim), (2, victim), (3, victim)]  # killed after training step 3 ...
     assert [s for s, _ in rank1[3:]] == [3, 4, 5, 6, 7, 8] and all(p != victim for _, p in rank1[3:])  # ... redone
-    # step 3's report may or may not have left the killed worker before it died: the driver's view follows
-    reported = 3 if summary["restarts"][0]["last_reported_step"] == 3 else 2
+    # Ray's controller collects reports when it polls: steps 2 and 3 may or may not have reached the driver before
+    # the worker died. The step-2 checkpoint is on disk either way and training goes on from it; a step-2 row the
+    # driver never got comes back with that checkpoint.
+    reported = summary["restarts"][0]["last_reported_step"]
+    assert reported in (1, 2, 3)
     assert summary["restarts"] == [{"last_reported_step": reported, "resumed_from_step": 2,
-                                    "reported_steps_redone": reported - 2}]
+                                    "reported_steps_redone": max(0, reported - 2)}]
     rows = metrics(run_uri)
-    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3][:reported] + [3, 4, 5, 6, 7, 8]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, max(reported, 2) + 1)) + [3, 4, 5, 6,
+                                                                                                          7, 8]
     assert_continues_the_reference(train_losses(rows), sources_by_step(lines), reference)
     assert storage.exists(f"{run_uri}/model/adapter_model.safetensors")
     assert storage.exists(f"{run_uri}/manifest.json")
@@ -226,9 +239,10 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace
 def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_server_restart(
         workspace, reference, s3_server):
     bucket = s3_server.make_bucket("resume-runs")
-    recipe = write_recipe(workspace, "driver-kill", bucket, max_failures=0)
-    run_uri = f"{bucket}/driver-kill"
-    first_log, first_trace = workspace / "driver-kill-1.log", workspace / "trace-driver-kill-1"
+    name = fresh_name(workspace, "driver-kill")
+    recipe = write_recipe(workspace, name, bucket, max_failures=0)
+    run_uri = f"{bucket}/{name}"
+    first_log, first_trace = workspace / f"{name}-first.log", workspace / f"trace-{name}-first"
     first = Run(recipe, first_trace, first_log, hold_at=3)
     first.wait_for(lambda: held(first_trace) and checkpoint_step(f"{run_uri}/ray_train") == 2,
                    "a hold after step 3 with the step-2 checkpoint in S3")
@@ -247,7 +261,7 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
         time.sleep(0.5)
     assert alive == [], f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
-    second_log, second_trace = workspace / "driver-kill-2.log", workspace / "trace-driver-kill-2"
+    second_log, second_trace = workspace / f"{name}-second.log", workspace / f"trace-{name}-second"
     second = Run(recipe, second_trace, second_log, hold_at=3)  # the same command, run again
     second.wait_for(lambda: held(second_trace), "the rerun's first step")
     s3_server.stop()  # the step-4 checkpoint goes up while the server is down ...
@@ -258,7 +272,7 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
     out = second.finish()
     assert second.proc.returncode == 0, out[-3000:]
 
-    assert "resuming from s3://resume-runs/driver-kill/ray_train/checkpoint_" in out
+    assert f"resuming from s3://resume-runs/{name}/ray_train/checkpoint_" in out
     assert f"step 2/{STEPS}, 16 pairs consumed" in out  # 2 steps × 2 workers × one micro-batch of 4 pairs
     second_lines = trace_lines(second_trace)
     assert min(x["step"] for x in second_lines) == 3  # first new step = checkpoint step + 1
@@ -285,15 +299,16 @@ def test_a_killed_driver_reruns_from_the_latest_checkpoint_in_s3_through_a_serve
 
 def test_a_bucket_that_disappears_stops_the_run_with_a_storage_error_naming_the_path(workspace, s3_server):
     bucket = s3_server.make_bucket("resume-gone")
-    log, trace = workspace / "bucket-gone.log", workspace / "trace-bucket-gone"
-    run = Run(write_recipe(workspace, "bucket-gone", bucket, max_failures=0), trace, log, hold_at=1)
+    name = fresh_name(workspace, "bucket-gone")
+    log, trace = workspace / f"{name}.log", workspace / f"trace-{name}"
+    run = Run(write_recipe(workspace, name, bucket, max_failures=0), trace, log, hold_at=1)
     run.wait_for(lambda: held(trace), "the hold after step 1")
     s3_server.remove_bucket("resume-gone")
     (trace / "release").touch()  # step 2 writes the first checkpoint
     out = run.finish()
     assert run.proc.returncode == 4, out[-3000:]  # StorageError's exit code
     assert "storage error: could not upload checkpoint file" in out
-    assert "s3://resume-gone/bucket-gone/ray_train/checkpoint_" in out
+    assert f"s3://resume-gone/{name}/ray_train/checkpoint_" in out
     assert "the bucket does not exist" in out
     assert "Traceback" not in out
     print("failure-record: bucket deleted before the step-2 checkpoint | not survivable: the run stopped with a "

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_path):  # noqa: F811
     import s3fs
 
-    bucket = s3_server.make_bucket("prefs")
+    bucket = s3_server.make_bucket("prefs")  # s3://prefs
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url})
     rows = answer_format_pairs(48, seed=5)
     for shard in range(3):  # three shards of 16 pairs
@@ -27,7 +27,7 @@ def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_pa
     model_dir = build_tiny_model_dir(tmp_path / "model")
     recipe = {
         "run": {"name": "s3run", "model_name_or_path": str(model_dir), "replicas": 2,
-                "data_s3_path": f"s3://{bucket}/pairs/", "output_s3_path": f"s3://{bucket}/runs"},
+                "data_s3_path": f"{bucket}/pairs/", "output_s3_path": f"{bucket}/runs"},
         "training_config": {"max_length": 128, "global_batch_size": 8, "data": {"on_error": "skip"},
                             "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
                                       "peft": {"peft_scheme": "lora"}}},
@@ -42,7 +42,7 @@ def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_pa
     summary = json.loads(fs.cat(f"{run}/summary.json"))
     assert summary["train_pairs"] == 48 and summary["steps"] == 6
     skipped = [json.loads(line) for line in fs.cat(f"{run}/skipped_rows.jsonl").decode().splitlines()]
-    assert skipped == [{"source": f"s3://{bucket}/pairs/shard-3.jsonl:1", "reason": skipped[0]["reason"]}]
+    assert skipped == [{"source": f"{bucket}/pairs/shard-3.jsonl:1", "reason": skipped[0]["reason"]}]
     assert "rejected" in skipped[0]["reason"]
     manifest = json.loads(fs.cat(f"{run}/manifest.json"))
     paths = {a["path"] for a in manifest["artifacts"]}

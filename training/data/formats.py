@@ -46,7 +46,21 @@ DETECTORS = (
     ("hh", lambda o: "prompt" not in o and isinstance(o.get("chosen"), str) and "\n\nAssistant:" in o["chosen"]),
     ("trl", lambda o: "chosen" in o and "rejected" in o),
 )
+# The top-level keys each format needs: a row that has some of them is told which ones it lacks.
+FORMAT_KEYS = {"nova": ("messages",), "openai": ("input", "preferred_output", "non_preferred_output"),
+               "nemo": ("context", "completions"), "when2call": ("messages", "chosen_response", "rejected_response"),
+               "sharegpt": ("conversations", "chosen", "rejected"), "trl": ("prompt", "chosen", "rejected")}
 UNREADABLE_KEY = "__raydpo_unreadable__"  # a raw row standing for bytes that never became a JSON row
+
+
+def closest_format_hint(obj: dict) -> str:
+    """"; closest: trl, which also needs 'rejected'" for the format sharing most keys with the row, "" for none."""
+    shared = {name: len(set(keys) & set(obj)) for name, keys in FORMAT_KEYS.items()}
+    name = max(shared, key=lambda n: (shared[n], -len(FORMAT_KEYS[n])))
+    if shared[name] == 0:
+        return ""
+    lacking = [k for k in FORMAT_KEYS[name] if k not in obj]
+    return f"; closest: {name}, which also needs {', '.join(repr(k) for k in lacking)}" if lacking else ""
 
 
 def detect_format(obj: dict) -> str:
@@ -55,7 +69,7 @@ def detect_format(obj: dict) -> str:
         if fits(obj):
             return name
     raise DataError(
-        f"no known preference format has the keys {sorted(obj)}",
+        f"no known preference format has the keys {sorted(obj)}{closest_format_hint(obj)}",
         why="rows are recognised by their keys: nova (messages ending in candidates), trl (prompt/chosen/rejected), "
             "hh (chosen/rejected dialogues), sharegpt (conversations), openai (input/preferred_output), "
             "nemo (context/completions), when2call (messages/chosen_response/rejected_response)",
@@ -200,7 +214,8 @@ def _array_rows(data: bytes, path: str) -> Iterator[tuple[str, str]]:
 
 
 def iter_raw_rows(path: str, fs=None) -> Iterator[tuple[str, str]]:
-    """(raw JSON text, "path:line") for each row of a .jsonl/.json file or its .gz, local or on an fsspec filesystem.
+    """(raw JSON text, "path:line") for each row of a .jsonl/.json file or its .gz, local or on an fsspec filesystem
+    (by default the one the path names: local or s3://).
 
     A .json file holding an array yields each element (line = index + 1); any other .json is read as JSONL.
     Bytes that cannot become a row yield a row that parse_line reports (undecodable bytes, a malformed array).
@@ -208,7 +223,7 @@ def iter_raw_rows(path: str, fs=None) -> Iterator[tuple[str, str]]:
     packed = path.lower().endswith(".gz")
     name = path.lower().removesuffix(".gz")
     try:
-        with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as raw:
+        with (fs or storage.filesystem_for(path)[0]).open(path, "rb") as raw:
             stream = gzip.GzipFile(fileobj=raw) if packed else raw
             lines = iter(stream)
             head = []

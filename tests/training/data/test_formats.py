@@ -14,6 +14,7 @@ from training.data.formats import (detect_format, iter_raw_rows, length_stats, n
 from training.data.record import RECORD_KEYS, make_record
 from training.errors import DataError
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
+from tests.s3server import s3_server  # noqa: F401 - the session fixture
 
 HH_EMPTY_CHOSEN = (87, 517, 926, 1104)  # SOURCE.txt: chosen ends with an empty "Assistant: " turn
 HH_PROMPTS_DIFFER = (1255, 1689, 1951, 1953, 2037)  # SOURCE.txt: rfind("\n\nAssistant:") prefixes differ
@@ -158,7 +159,9 @@ def _nova_candidates(*labels):
 
 
 @pytest.mark.parametrize("row, fmt, expected", [
-    ({"prompt": "q", "chosen": "a"}, "auto", "no known preference format"),
+    ({"prompt": "q", "chosen": "a"}, "auto", "no known preference format has the keys ['chosen', 'prompt']; "
+                                             "closest: trl, which also needs 'rejected'"),
+    ({"input": {}, "non_preferred_output": []}, "auto", "closest: openai, which also needs 'preferred_output'"),
     ({"prompt": "q", "chosen": "a"}, "trl", "missing key 'rejected'"),
     ({"chosen": "a", "rejected": "b"}, "trl", "missing key 'prompt'"),
     (nova_row(_nova_candidates("non-preferred", "non-preferred")), "auto", "no preferred candidate"),
@@ -496,3 +499,14 @@ def test_gz_output(tmp_path):
     out = tmp_path / "x.jsonl.gz"
     write_records([good(ROUND_TRIP_ROWS[0])], str(out), "trl")
     assert json.loads(gzip.decompress(out.read_bytes()))["chosen"] == [assistant("Paris.")]
+
+
+def test_raw_rows_of_an_s3_file_need_no_filesystem_argument(s3_server):  # noqa: F811
+    import s3fs
+
+    bucket = s3_server.make_bucket("raydpo-raw-rows")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url})
+    fs.pipe(f"{bucket}/pairs/a.jsonl", b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n\n{"prompt": "r"}\n')
+    rows = list(iter_raw_rows(f"{bucket}/pairs/a.jsonl"))
+    assert [source for _, source in rows] == [f"{bucket}/pairs/a.jsonl:1", f"{bucket}/pairs/a.jsonl:3"]
+    assert json.loads(rows[0][0])["chosen"] == "a"

@@ -5,6 +5,7 @@ Called by `raydpo train` inside a Ray session. Takes the resolved recipe as a pl
 from __future__ import annotations
 
 import json
+import os
 import queue as queue_module
 import tempfile
 import threading
@@ -94,7 +95,7 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
     # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
     resume = ckpt.resume_point(f"{uri}/{RAY_TRAIN_DIR}", resume_from)
     plan |= {"resume_from": resume["uri"], "ray_checkpoint_at_start": resume["ray_latest"],
-             "ray_train_uri": f"{uri}/{RAY_TRAIN_DIR}",
+             "ray_train_uri": f"{uri}/{RAY_TRAIN_DIR}", "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
              "checkpoints_at_start": ckpt.checkpoint_names(f"{uri}/{RAY_TRAIN_DIR}")}
     resumed_step = resume["state"]["step"] if resume["uri"] else 0
     if resume["uri"]:

@@ -94,3 +94,12 @@ def optimizer_choice(name: str, on_gpu: bool) -> str:
     if name == "distributed_fused_adam" and on_gpu:
         return "fused_adam"
     return "torch_adamw"
+
+
+def cpu_threads(cores: int, local_workers: int, requested: str | None = None) -> int:
+    """Intra-op threads for one worker: OMP_NUM_THREADS as the user set it when starting the run, else the node's
+    cores shared evenly by the workers on it. Ray sets OMP_NUM_THREADS=1 in every worker that has one CPU
+    reserved, which leaves the other cores idle when fewer workers than cores share a node."""
+    if requested and requested.strip().isdigit() and int(requested) > 0:
+        return int(requested)
+    return max(1, cores // max(1, local_workers))

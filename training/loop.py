@@ -47,6 +47,8 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", context.get_local_rank()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+    torch.set_num_threads(ds_config.cpu_threads(len(os.sched_getaffinity(0)), context.get_local_world_size(),
+                                                 plan.get("omp_num_threads")))
     seed_everything(tc["seed"] + rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
 

@@ -69,3 +69,12 @@ def test_optimizer_choice():
     assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=True) == "fused_adam"
     assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=False) == "torch_adamw"
     assert ds_config.optimizer_choice("adamw", on_gpu=True) == "torch_adamw"
+
+
+def test_cpu_threads_share_the_nodes_cores_unless_the_user_set_them():
+    assert ds_config.cpu_threads(2, 1) == 2  # one worker on a 2-core node: both cores, not Ray's 1
+    assert ds_config.cpu_threads(2, 2) == 1
+    assert ds_config.cpu_threads(16, 3) == 5  # 16 // 3
+    assert ds_config.cpu_threads(2, 4) == 1  # more workers than cores: at least one thread each
+    assert ds_config.cpu_threads(2, 1, "6") == 6  # OMP_NUM_THREADS given when the run started
+    assert ds_config.cpu_threads(2, 1, "") == 2 and ds_config.cpu_threads(2, 1, "0") == 2

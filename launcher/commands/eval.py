@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 from training.errors import ConfigError, DataError
@@ -190,28 +188,34 @@ def _check_rows(rows: list, bad: list, path: str, on_error: str, task: str) -> d
             "skipped_rows": [{"source": s, "reason": r} for s, r in bad[:SHOWN_SKIPPED]]}
 
 
-def _cluster(recipe) -> tuple[int, bool, bool]:
-    """(workers, use_gpu, whether this call started Ray)."""
+def eval_log_file(out_dir: str) -> Path:
+    """Where Ray's output goes: beside the results when they are local, else under the temp folder."""
+    import tempfile
+
+    from training import storage
+
+    if storage.is_remote(out_dir):
+        return Path(tempfile.gettempdir()) / "raydpo" / out_dir.removeprefix("s3://").replace("/", "_") / "eval.log"
+    return Path(out_dir) / "logs" / "eval.log"
+
+
+def _cluster(recipe, say) -> tuple[int, bool]:
+    """(model actors, use_gpu) on the Ray cluster of this session."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     device = recipe.inference.device
     if device == "gpu" and gpus == 0:
-        if started:
-            ray.shutdown()
         raise ConfigError("inference.device=gpu but the Ray cluster has no GPU",
                           fix="set inference.device=auto (or cpu), or connect to a cluster with GPUs (RAY_ADDRESS)")
     use_gpu = device == "gpu" or (device == "auto" and gpus > 0)
     limit = gpus if use_gpu else max(1, cpus)
     workers = min(recipe.run.replicas, limit)
     if workers < recipe.run.replicas:
-        print(f"run.replicas={recipe.run.replicas} but the cluster has room for {workers} model actor(s); "
-              f"using {workers}", file=sys.stderr)
-    return workers, use_gpu, started
+        say(f"run.replicas={recipe.run.replicas} but the cluster has room for {workers} model actor(s); "
+            f"using {workers}")
+    return workers, use_gpu
 
 
 def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
@@ -276,22 +280,23 @@ def run(args: argparse.Namespace) -> int:
             model["reference"] = preference_reference(model, models[0], is_base=i == 0 and len(models) > 1)
             model["beta"] = preference_beta(recipe, model)
     out_dir = eval_output_dir(recipe.run.output_s3_path, recipe.run.name)
+    log_file = eval_log_file(out_dir)
 
-    def keep_partial(entries: dict, judged: list[dict], examples: list[dict], error: str) -> None:
-        results = build_results(task, recipe.run.name, recipe.to_dict(), labels, _selected(entries, ev.metric),
-                                examples, data, partial=True, error=error)
-        write_results(out_dir, results, judged)
-        print(f"partial results (judged before the error) written to {join(out_dir, 'results.json')}",
-              file=sys.stderr)
+    from cluster.session import ray_session
+    from launcher.console import user_console
 
-    workers, use_gpu, started = _cluster(recipe)
-    try:
+    # Ray's and the models' chatter goes to the log file; the console gets raydpo's lines and the table
+    with user_console(log_file) as say, ray_session(num_cpus=None, num_gpus=None, log_file=log_file):
+        say(f"{task}: {len(rows)} row(s), {len(models)} model(s); Ray's log: {log_file}")
+
+        def keep_partial(entries: dict, judged: list[dict], examples: list[dict], error: str) -> None:
+            results = build_results(task, recipe.run.name, recipe.to_dict(), labels, _selected(entries, ev.metric),
+                                    examples, data, partial=True, error=error)
+            write_results(out_dir, results, judged)
+            say(f"partial results (judged before the error) written to {join(out_dir, 'results.json')}")
+
+        workers, use_gpu = _cluster(recipe, say)
         entries, per_row, examples = _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     results = build_results(task, recipe.run.name, recipe.to_dict(), labels, _selected(entries, ev.metric), examples,
                             data)
     write_results(out_dir, results, per_row)

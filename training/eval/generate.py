@@ -8,6 +8,7 @@ counted in the results).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 
@@ -80,7 +81,8 @@ def load_for_inference(model_source: str, device: str):
 class GeneratorActor:
     """A Ray Data actor: loads the model once, answers a batch of prompts per call."""
 
-    def __init__(self, model_source: str, settings: dict, device: str = "cpu"):
+    def __init__(self, model_source: str, settings: dict, device: str = "cpu", threads: int | None = None):
+        use_threads(threads)
         self.settings = GenerationSettings(**settings)
         self.device = device
         self.tokenizer, self.model = load_for_inference(model_source, device)
@@ -110,6 +112,15 @@ class GeneratorActor:
                 "hit_max_new_tokens": cut}
 
 
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads in a CPU actor: Ray sets OMP_NUM_THREADS=1 for an actor holding one CPU, which
+    leaves the machine's other cores idle when there are fewer actors than cores."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, workers: int, use_gpu: bool,
                    batch_size: int) -> list[dict]:
     """items through `actor_cls` on `workers` Ray Data actors (one GPU each, or one CPU each); input order kept.
@@ -120,7 +131,11 @@ def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, wo
 
     if not items:
         return []
+    from training.ds_config import cpu_threads
+
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    if not use_gpu:  # the cores of this node shared by the actors (several nodes: fewer threads than cores, safe)
+        constructor_kwargs = constructor_kwargs | {"threads": cpu_threads(len(os.sched_getaffinity(0)), workers)}
     ds = ray.data.from_items(items).map_batches(
         actor_cls, fn_constructor_kwargs=constructor_kwargs, compute=ray.data.ActorPoolStrategy(size=workers),
         batch_size=batch_size, batch_format="numpy", **resources)

@@ -75,9 +75,11 @@ def preference_metrics(rows: list[dict], beta: float | None) -> dict:
 class LogpsActor:
     """A Ray Data actor: summed answer log-probs of chosen and rejected under a model (and its reference)."""
 
-    def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu"):
-        from training.eval.generate import load_for_inference
+    def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu",
+                 threads: int | None = None):
+        from training.eval.generate import load_for_inference, use_threads
 
+        use_threads(threads)
         self.settings = PreferenceSettings(**settings)
         self.device = device
         self.tokenizer, self.model = load_for_inference(model_source, device)

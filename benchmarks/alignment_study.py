@@ -283,6 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="When2Call without --heldout: the stratified share of rows held out (default 0.3)")
     parser.add_argument("--judge", action="store_true", help="also run the llm_judge evaluation (slow on CPU)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the run already in WORK")
+    parser.add_argument("--reuse-eval", action="store_true",
+                        help="keep the evaluations already in WORK's run (an interrupted study goes on)")
     parser.add_argument("--prepare-only", action="store_true", help="write the data and stop")
     parser.add_argument("--train-attempts", type=int, default=3, metavar="N",
                         help="run `raydpo train` up to N times; each rerun resumes from the last checkpoint")
@@ -323,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["preference", "gen_qa"] + (["llm_judge"] if args.judge else [])
     for task in tasks:
         recipe, held = spec["eval"][task]
+        if args.reuse_eval and (run / "eval" / task / "results.json").is_file():
+            print(f"\n{task}: reusing {run / 'eval' / task / 'results.json'}", flush=True)
+            continue
         run_command(["eval", recipe, f"run.data_s3_path={data / held}", "--model", str(run), "--output", str(run)],
                     log)
     run_command(["report", str(run)], log)

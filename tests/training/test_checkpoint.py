@@ -422,8 +422,9 @@ def test_lora_zero3_checkpoint_holds_adapters_only_and_resumes_exactly(single_pr
     for seed in range(3):
         train_step(first, seed)
     state = {"step": 3, "epoch": 0, "micro_in_epoch": 3}
+    rows = [{"step": s, "split": "train", "loss": 0.7 - 0.1 * s} for s in (2, 3)]  # reported since the last one
     ckpt.write_checkpoint(first, str(tmp_path / "lora"), state, rank=0, world=1, plan=PLAN | {"workers": 1},
-                          seed=42, lora=True)
+                          seed=42, lora=True, rows=rows)
     ckpt.write_checkpoint(first, str(tmp_path / "whole"), state, rank=0, world=1, plan=PLAN | {"workers": 1},
                           seed=42, lora=False)
     torch.manual_seed(123)  # the checkpoint's RNG state must come back, whatever happened since
@@ -432,7 +433,7 @@ def test_lora_zero3_checkpoint_holds_adapters_only_and_resumes_exactly(single_pr
 
     torch.manual_seed(1)  # other adapter initialisation: the checkpoint must overwrite it
     second = new_engine()
-    assert ckpt.restore(second, str(tmp_path / "lora"), rank=0) == state
+    assert ckpt.restore(second, str(tmp_path / "lora"), rank=0) == state | {"rows": rows}  # rows: replayed
     saved_rng = torch.load(tmp_path / "lora" / "rng_rank0.pt", weights_only=False)["torch"]
     assert torch.equal(torch.get_rng_state(), saved_rng)
     got = [train_step(second, seed) for seed in range(3, 6)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def write_recipe(tmp: Path, model_dir: Path, data_dir: Path, *, name: str, lora:
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    shutil.rmtree(tmp / "out" / name, ignore_errors=True)  # a rerun (pytest --reruns) trains again, from scratch
     return path
 
 

@@ -41,7 +41,10 @@ def write_recipe(tmp: Path, model_dir: Path, data_dir: Path, *, name: str, lora:
 
 def run_train(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    # a user's shell: no Ray address, and none of what an in-process DeepSpeed test may have left in os.environ
+    for key in ("RAY_ADDRESS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CROSS_RANK", "CROSS_SIZE"):
+        env.pop(key, None)
     return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(recipe), *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
 

@@ -137,19 +137,20 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                     f"{list(event['exception'].values())[0][:300]}")
                 continue
             report = event["metrics"]
+            replayed = bool(report.get("replayed"))  # rows from the checkpoint a restart went on from
+            seen = {(r["split"], r["step"]) for r in metrics_rows} if replayed else set()
             for row in report.get("reports", []):
                 row = {k: row[k] for k in METRIC_KEYS if k in row} | {"total_steps": plan["total_steps"]}
-                if report.get("replayed"):  # from the checkpoint a restart went on from: only what never arrived
-                    if (row["split"], row["step"]) in {(r["split"], r["step"]) for r in metrics_rows}:
-                        continue
-                    say(f"step {row['step']} ({row['split']}): its metrics came back with the checkpoint")
+                if (row["split"], row["step"]) in seen:
+                    continue  # replayed, but it did arrive
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 metrics_rows.append(row)
-                step_events += [row["step"]] if row["split"] == "train" and not report.get("replayed") else []
                 tracking.log_metrics(trackers, tracking.row_metrics(row), row["step"])
-                if report.get("replayed"):
+                if replayed:
+                    say(f"step {row['step']} ({row['split']}): its metrics came back with the checkpoint")
                     continue
+                step_events += [row["step"]] if row["split"] == "train" else []
                 say(format_progress(row | {"elapsed_s": row.get("elapsed_s", time.time() - started)})
                     if row["split"] == "train" else format_validation(row))
             if event.get("checkpoint") and storage.is_remote(uri):  # the curve so far survives a driver failure

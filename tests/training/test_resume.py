@@ -221,7 +221,7 @@ def test_a_killed_worker_process_is_restarted_from_the_last_checkpoint(workspace
     # the worker died. The step-2 checkpoint is on disk either way and training goes on from it; a step-2 row the
     # driver never got comes back with that checkpoint.
     reported = summary["restarts"][0]["last_reported_step"]
-    assert reported in (1, 2, 3)
+    assert reported in (0, 1, 2, 3)  # 0: not even step 1 had been collected
     assert summary["restarts"] == [{"last_reported_step": reported, "resumed_from_step": 2,
                                     "reported_steps_redone": max(0, reported - 2)}]
     rows = metrics(run_uri)

@@ -94,6 +94,25 @@ def rates_by_behaviour(rows: list[dict], behaviours: list[str], label: str) -> d
     return out
 
 
+def ranking_by_pair_kind(pairs: list[dict], rows: list[dict]) -> dict:
+    """{"chosen>rejected": {"pairs", "base", "tuned", "tuned_reward"}} from the held-out pairs (with their
+    categories) and the preference task's rows (each names its pair's file:line): where ranking moved, and where
+    DPO's implicit reward (tuned minus reference log-probability) ranks right when the raw log-probabilities do not."""
+    out: dict = {}
+    for row in rows:
+        pair = pairs[int(row["source"].rpartition(":")[2]) - 1]
+        kind = f"{pair['chosen_category']}>{pair['rejected_category']}"
+        base, tuned = row["base"], row["tuned"]
+        counts = out.setdefault(kind, {"pairs": 0, "base": 0, "tuned": 0, "tuned_reward": 0})
+        counts["pairs"] += 1
+        counts["base"] += base["logp_chosen"] > base["logp_rejected"]
+        counts["tuned"] += tuned["logp_chosen"] > tuned["logp_rejected"]
+        counts["tuned_reward"] += (tuned["logp_chosen"] - tuned["ref_logp_chosen"]
+                                   > tuned["logp_rejected"] - tuned["ref_logp_rejected"])
+    return {kind: {"pairs": c["pairs"], **{k: c[k] / c["pairs"] for k in ("base", "tuned", "tuned_reward")}}
+            for kind, c in sorted(out.items())}
+
+
 def study_metrics(preference: dict, gen_qa: dict, gen_rows: list[dict], *, tool_calls: bool = True) -> dict:
     """{"base": {...}, "tuned": {...}} from the two tasks' results.json and gen_qa's rows.jsonl."""
     out = {}
@@ -350,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         assert len(behaviours) == len(gen_rows), "one generated answer per held-out question"
         study["tool_call_rate_by_behaviour"] = {label: rates_by_behaviour(gen_rows, behaviours, label)
                                                 for label in ("base", "tuned")}
+        study["ranking_by_pair_kind"] = ranking_by_pair_kind(read_jsonl(data / spec["eval"]["preference"][1]),
+                                                             read_jsonl(run / "eval" / "preference" / "rows.jsonl"))
     else:
         del study["targets"]  # the issue's targets are When2Call's
     if "llm_judge" in results:
@@ -368,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if when2call:
         print(f"tool calls by correct behaviour: {json.dumps(study['tool_call_rate_by_behaviour'])}")
+        print("ranking accuracy by pair (chosen>rejected): base -> tuned (tuned's implicit reward)")
+        for kind, r in study["ranking_by_pair_kind"].items():
+            print(f"  {kind:32s} {r['pairs']:3d} pairs  {r['base']:.2f} -> {r['tuned']:.2f} ({r['tuned_reward']:.2f})")
     print(f"json: {json_path}\ntable: {table_path}\nplots: {', '.join(study['plots'])}\nrun report: "
           f"{run / 'report.html'}")
     return 0

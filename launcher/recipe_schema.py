@@ -117,6 +117,7 @@ class TrainingConfig:
     precision: str = "auto"
     max_failures: int = 0
     gradient_checkpointing: bool = False
+    zero_stage: int | None = None
     trainer: Trainer = field(default_factory=Trainer)
     data: Data = field(default_factory=Data)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
@@ -189,6 +190,8 @@ RULES: dict[str, Rule] = {
     "training_config.micro_batch_size": int_range(1),
     "training_config.seed": int_range(0, 2**32 - 1),  # numpy's seed range
     "training_config.precision": one_of("auto", "bf16", "fp32"),
+    "training_config.zero_stage": Rule(lambda v: v in (0, 3),
+                                       "0 (no partitioning) or 3 (ZeRO-3); null: 3 with several workers, 0 with one"),
     "training_config.max_failures": Rule(lambda v: v >= -1, ">= 0, or -1 to retry forever (Ray's FailureConfig)"),
     "training_config.trainer.max_epochs": int_range(1, 5),
     "training_config.trainer.max_steps": int_range(1),

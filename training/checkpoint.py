@@ -40,7 +40,7 @@ STATE_FILE = "raydpo_state.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
 CHECKPOINT_PREFIX = "checkpoint_"
 # What the saved data position means: resuming under a different value would skip the wrong examples.
-PLAN_KEYS = ("workers", "micro_batch", "accum", "micro_steps_per_epoch", "total_steps", "train_pairs",
+PLAN_KEYS = ("workers", "zero_stage", "micro_batch", "accum", "micro_steps_per_epoch", "total_steps", "train_pairs",
              "shuffle_buffer", "seed")
 
 
@@ -178,8 +178,9 @@ def upload_folder(local_dir: str, uri: str, *, retry: storage.RetryPolicy = stor
 
 # ---------------------------------------------------------------- worker side: restore
 
-def restore_if_resuming(engine, plan: dict, rank: int) -> dict | None:
-    """Restores the checkpoint this worker should start from (see checkpoint_to_restore); None: from scratch."""
+def checkpoint_to_resume(plan: dict, rank: int) -> str | None:
+    """The checkpoint every worker starts from (see checkpoint_to_restore); None: from scratch. A collective: rank
+    0 lists, the others receive its choice."""
     import ray.train
     import torch.distributed as dist
 
@@ -191,7 +192,12 @@ def restore_if_resuming(engine, plan: dict, rank: int) -> dict | None:
     chosen = checkpoint_to_restore(Path(handed.path).name if handed else None,
                                    storage.uri_for(handed.path, plan["run_uri"]) if handed else None,
                                    plan.get("ray_checkpoint_at_start"), plan.get("resume_from"), newest[0])
-    return restore(engine, chosen, rank) if chosen else None
+    return chosen
+
+
+def saved_epoch(uri: str) -> int:
+    """The epoch a checkpoint resumes in, read before any model is loaded (the data can start meanwhile)."""
+    return int(json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}"))["epoch"])
 
 
 def restore(engine, uri: str, rank: int) -> dict:

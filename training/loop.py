@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -54,13 +55,37 @@ def train_loop(config: dict) -> None:
 
     precision = ds_config.precision_for(tc["precision"], on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    engine_config = ds_config.deepspeed_config(micro_batch=plan["micro_batch"], accum=plan["accum"], workers=world,
-                                               precision=precision)
-    engine_config["zero_allow_untested_optimizer"] = True  # torch AdamW / LoRA+ are client optimizers
     model_source = resolve_model_source(recipe["run"]["model_name_or_path"])
     tokenizer = load_tokenizer(model_source)
-    dropouts = dropout_overrides(load_config(model_source), {k: model_cfg[k] for k in
-                                                             ("hidden_dropout", "attention_dropout", "ffn_dropout")})
+    model_config = load_config(model_source)
+    engine_config = ds_config.deepspeed_config(micro_batch=plan["micro_batch"], accum=plan["accum"], workers=world,
+                                               precision=precision, stage=plan["zero_stage"],
+                                               hidden_size=hidden_size_of(model_config))
+    engine_config["zero_allow_untested_optimizer"] = True  # torch AdamW / LoRA+ are client optimizers
+    dropouts = dropout_overrides(model_config, {k: model_cfg[k] for k in
+                                                ("hidden_dropout", "attention_dropout", "ffn_dropout")})
+
+    collate = collate_packed if plan["packing"] else partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+
+    def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
+        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
+
+    def batches(split: str, epoch: int):
+        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
+            return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
+                                         buffer_size=plan["group_buffer"], collate=collate_with_sources,
+                                         seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
+                                         else None)
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
+            batch_size=plan["micro_batch"], collate_fn=collate_with_sources, drop_last=True,
+            local_shuffle_buffer_size=plan["shuffle_buffer"] if split == "train" else None,
+            local_shuffle_seed=tc["seed"] + epoch if split == "train" else None)
+
+    # which checkpoint to resume from is known before the model loads, so the first epoch's data pipeline (Ray
+    # Data's executor and its worker processes, tens of seconds on a small CPU node) starts while the model loads
+    resume_uri = ckpt.checkpoint_to_resume(plan, rank)
+    first_epoch = ckpt.saved_epoch(resume_uri) if resume_uri else 0
+    early_batches = started_early(batches("train", first_epoch))
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
     if plan["logps_head"]:
@@ -86,15 +111,11 @@ def train_loop(config: dict) -> None:
         reference.eval()
 
     # resuming: after a worker-group restart, a driver rerun or --resume-from (the step, epoch and data position)
-    state = ckpt.restore_if_resuming(engine, plan, rank) or {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    state = ckpt.restore(engine, resume_uri, rank) if resume_uri else {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     replay = state.pop("rows", [])
     if replay:  # a worker that died may have taken reports with it: the driver keeps the steps it never received
         ckpt.report({"reports": replay, "replayed": True})
 
-    collate = collate_packed if plan["packing"] else partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-
-    def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
-        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
     loss_settings = dict(loss_type=dpo["loss_type"], beta=dpo["beta"], label_smoothing=dpo["label_smoothing"])
 
     def pair_logps(batch, model, with_grad):
@@ -128,17 +149,6 @@ def train_loop(config: dict) -> None:
                 "computed_tokens": int(batch["computed_tokens"]), "micro_batches": 1}
         return loss, sums
 
-    def batches(split: str, epoch: int):
-        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
-            return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
-                                         buffer_size=plan["group_buffer"], collate=collate_with_sources,
-                                         seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
-                                         else None)
-        return ray.train.get_dataset_shard(split).iter_torch_batches(
-            batch_size=plan["micro_batch"], collate_fn=collate_with_sources, drop_last=True,
-            local_shuffle_buffer_size=plan["shuffle_buffer"] if split == "train" else None,
-            local_shuffle_seed=tc["seed"] + epoch if split == "train" else None)
-
     def validate() -> dict:
         engine.eval()
         totals = dict.fromkeys(SUMS, 0.0)
@@ -155,7 +165,8 @@ def train_loop(config: dict) -> None:
     while state["step"] < plan["total_steps"]:
         step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         skip = state["micro_in_epoch"]  # resuming mid-epoch: batches this epoch already trained on
-        for micro, batch in enumerate(batches("train", state["epoch"])):
+        epoch_batches = early_batches if state["epoch"] == first_epoch else batches("train", state["epoch"])
+        for micro, batch in enumerate(epoch_batches):
             if micro < skip:
                 continue
             if micro >= plan["micro_steps_per_epoch"] or state["step"] >= plan["total_steps"]:
@@ -163,6 +174,7 @@ def train_loop(config: dict) -> None:
             loss, sums = loss_and_sums(batch, with_grad=True)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            unclipped_norm = grad_norm(engine) if boundary else None
             engine.step()
             step_sums = add_sums(step_sums, sums)
             step_sources += batch["sources"]
@@ -173,7 +185,7 @@ def train_loop(config: dict) -> None:
             metrics = step_metrics(all_reduce_sums(step_sums, world), elapsed=time.time() - step_started)
             metrics |= {"step": state["step"], "epoch": state["epoch"] + micro / plan["micro_steps_per_epoch"],
                         "split": "train", "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "grad_norm": float(engine.get_global_grad_norm() or unclipped_norm or 0.0),
                         "elapsed_s": time.time() - started, "total_steps": plan["total_steps"]}
             reports = [metrics]
             if plan["val_every"] and state["step"] % plan["val_every"] == 0 and state["step"] < plan["total_steps"]:
@@ -210,6 +222,47 @@ def train_loop(config: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def hidden_size_of(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "hidden_size", None)
+
+
+def grad_norm(engine) -> float | None:
+    """The gradient norm before clipping, where DeepSpeed does not record one (no ZeRO partitioning, fp32): there
+    the gradients are whole and already averaged across workers when the accumulation boundary's backward ends."""
+    if engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None  # ZeRO's and the 16-bit optimizers' own norm is read after the step
+    grads = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
+
+
+def started_early(items):
+    """`items` as an iterator whose first item is fetched now, in a thread; iterating waits for it, then goes on in
+    the caller's thread (never both at once, so an iterator that is not thread-safe is fine)."""
+    iterator, box = iter(items), {}
+
+    def fetch_first():
+        try:
+            box["first"] = next(iterator)
+        except StopIteration:
+            pass
+        except BaseException as error:  # re-raised where the items are consumed
+            box["error"] = error
+
+    thread = threading.Thread(target=fetch_first, name="raydpo-first-batch", daemon=True)
+    thread.start()
+
+    def rest():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if "first" in box:
+            yield box["first"]
+            yield from iterator
+
+    return rest()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -217,7 +270,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_under_zero_init(source: str, dtype, engine_config: dict, config_overrides: dict):
-    """Loads weights partitioned as they arrive (ZeRO-3 zero.Init through transformers), never whole per worker."""
+    """Under ZeRO-3, loads weights partitioned as they arrive (zero.Init through transformers), never whole per
+    worker; without partitioning (one worker), a plain load."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -289,7 +343,8 @@ def save_final_model(engine, tokenizer, model_uri: str, rank: int, lora: bool) -
     """Gathers the 16-bit weights (a collective: every rank calls it); rank 0 writes safetensors and uploads."""
     from training import storage
 
-    state_dict = engine._zero3_consolidated_16bit_state_dict()
+    partitioned = engine.zero_optimization_partition_weights()
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if partitioned else engine.module.state_dict()
     if rank != 0:
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +25,9 @@ from training.data.pipeline import TOKEN_COLUMNS, pair_width
 
 CACHE_DIR = "_reference_cache"
 STAGE_VERSION = 1  # bump when the stage's output changes meaning: old caches are then never read
-TOKENS_PER_FORWARD = 16384  # padded tokens per reference forward: large enough to be efficient, small enough to fit
+# padded tokens per reference forward: large enough to be efficient; the response positions' logits ([N, vocab] in fp32,
+# 0.8 GB for 4k positions of a 49k vocabulary) bound it from above
+TOKENS_PER_FORWARD = 8192
 
 
 # ---------------------------------------------------------------- the cache key (pure)
@@ -86,11 +89,14 @@ class ReferenceStage:
     """Ray Data map_batches stage: one reference model per actor; adds ref_chosen_logps / ref_rejected_logps."""
 
     def __init__(self, model_source: str, precision: str, chunk_size: int = 1024,
-                 tokens_per_forward: int = TOKENS_PER_FORWARD):
+                 tokens_per_forward: int = TOKENS_PER_FORWARD, threads: int | None = None):
         import torch
 
         from training import ds_config
+        from training.eval.generate import use_threads
         from training.forward import add_logps_head
+
+        use_threads(threads)
         from training.models import load_causal_lm, load_tokenizer
 
         on_gpu = torch.cuda.is_available()
@@ -133,10 +139,15 @@ def read_marker(uri: str) -> dict | None:
 
 def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
                   actors: int, on_gpu: bool):
+    from training.ds_config import cpu_threads
+
     fs, path = storage.pyarrow_filesystem_for(target_uri)
+    # before training every core is spare: CPU actors share the node's cores (Ray would give each one thread)
+    threads = None if on_gpu else cpu_threads(len(os.sched_getaffinity(0)), actors)
     dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
         ReferenceStage, batch_size=64, concurrency=actors, num_gpus=1 if on_gpu else 0, num_cpus=1,
-        fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size),
+        fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size,
+                                   threads=threads),
     ).write_parquet(path, filesystem=fs)
 
 

@@ -35,6 +35,7 @@ def plan_run(recipe: dict, *, train_pairs: int, validation_pairs: int, on_gpu: b
     return {
         "workers": workers,
         "use_gpu": on_gpu,
+        "zero_stage": ds_config.zero_stage(workers, tc["zero_stage"]),
         "micro_batch": micro,
         "accum": accum,
         "total_steps": total,

@@ -91,3 +91,22 @@ def test_prepare_hh_splits_by_line(tmp_path):
     assert summary["rows"] == {"train": 20, "heldout": 2}
     held = [json.loads(line) for line in (tmp_path / "data" / "heldout" / "pairs.jsonl").read_text().splitlines()]
     assert [r["chosen"] for r in held] == [rows[9]["chosen"], rows[19]["chosen"]]
+
+
+def test_ranking_by_pair_kind_counts_base_tuned_and_implicit_reward():
+    pairs = [{"chosen_category": "tool_call", "rejected_category": "direct"},
+             {"chosen_category": "cannot_answer", "rejected_category": "tool_call"},
+             {"chosen_category": "tool_call", "rejected_category": "direct"}]
+
+    def row(line, base, tuned, ref):  # (chosen, rejected) log-probs of each model
+        return {"source": f"held/pairs.jsonl:{line}",
+                "base": {"logp_chosen": base[0], "logp_rejected": base[1]},
+                "tuned": {"logp_chosen": tuned[0], "logp_rejected": tuned[1], "ref_logp_chosen": ref[0],
+                          "ref_logp_rejected": ref[1]}}
+
+    rows = [row(3, (-5, -9), (-6, -4), (-5, -9)),    # base right; tuned wrong; reward -1 vs +5: wrong
+            row(1, (-9, -5), (-7, -6), (-9, -5)),    # base wrong; tuned wrong; reward +2 vs -1: right
+            row(2, (-20, -10), (-15, -14), (-20, -10))]  # tool call rejected: base wrong, tuned wrong, reward right
+    got = study.ranking_by_pair_kind(pairs, rows)
+    assert got == {"cannot_answer>tool_call": {"pairs": 1, "base": 0.0, "tuned": 0.0, "tuned_reward": 1.0},
+                   "tool_call>direct": {"pairs": 2, "base": 0.5, "tuned": 0.0, "tuned_reward": 0.5}}

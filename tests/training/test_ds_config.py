@@ -65,6 +65,24 @@ def test_deepspeed_config_for_zero3():
     assert reference["zero_optimization"]["stage"] == 3
 
 
+def test_zero3_keeps_small_parameters_whole_and_releases_gathered_ones_at_once():
+    config = ds_config.deepspeed_config(micro_batch=1, accum=4, workers=2, precision="fp32", hidden_size=576)
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 5760  # 10 x hidden, as HF's auto
+    assert config["zero_optimization"]["stage3_max_reuse_distance"] == 0
+    tiny = ds_config.deepspeed_config(micro_batch=1, accum=4, workers=2, precision="fp32")
+    assert tiny["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_one_worker_runs_without_partitioning_unless_the_recipe_asks():
+    assert ds_config.zero_stage(workers=1) == 0
+    assert ds_config.zero_stage(workers=2) == 3
+    assert ds_config.zero_stage(workers=1, requested=3) == 3
+    assert ds_config.zero_stage(workers=4, requested=0) == 0
+    plain = ds_config.deepspeed_config(micro_batch=1, accum=4, workers=1, precision="fp32", stage=0)
+    assert plain["zero_optimization"] == {"stage": 0}  # no ZeRO-3 keys where DeepSpeed would reject or ignore them
+    assert plain["train_batch_size"] == 4
+
+
 def test_optimizer_choice():
     assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=True) == "fused_adam"
     assert ds_config.optimizer_choice("distributed_fused_adam", on_gpu=False) == "torch_adamw"

@@ -172,8 +172,8 @@ def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in answer_format_pairs(32, seed=5)))
-    losses = {}
-    for reference in ("engine", "precompute"):
+    losses, norms = {}, {}
+    for reference in ("engine", "precompute"):  # one replica: no ZeRO partitioning (ds_config.zero_stage)
         r = {"run": {"name": f"ref-{reference}", "model_name_or_path": str(tiny_model_dir), "replicas": 1,
                      "data_s3_path": str(tmp_path / "data"), "output_s3_path": str(tmp_path / "out")},
              "training_config": {"max_length": 128, "global_batch_size": 4, "precision": "fp32",
@@ -189,11 +189,14 @@ def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_
         rows = [json.loads(line) for line in (tmp_path / "out" / f"ref-{reference}" / "metrics.jsonl").open()]
         losses[reference] = [(row["step"], row["loss"], row["rewards/margins"]) for row in rows
                              if row["split"] == "train"]
+        norms[reference] = [row["grad_norm"] for row in rows if row["split"] == "train"]
     assert len(losses["engine"]) == 8
     assert [s for s, _, _ in losses["precompute"]] == [s for s, _, _ in losses["engine"]]
     for (_, live, live_margin), (_, stored, stored_margin) in zip(losses["engine"], losses["precompute"]):
         assert stored == pytest.approx(live, abs=1e-4) and stored_margin == pytest.approx(live_margin, abs=1e-4)
     assert losses["engine"][-1][1] < losses["engine"][0][1]  # it trained: the comparison is not of constants
+    # the unclipped norm, measured by the loop where DeepSpeed records none (fp32 without partitioning)
+    assert all(n > 0 for n in norms["engine"]) and norms["precompute"] == pytest.approx(norms["engine"], rel=1e-3)
 
 
 def test_the_seed_matters_only_when_it_picks_a_held_out_split():

@@ -18,6 +18,8 @@ def recipe(**changes):
 def test_plan_on_cpu_one_worker_per_replica():
     plan = plan_run(recipe(), train_pairs=50, validation_pairs=10, on_gpu=False)
     assert (plan["workers"], plan["micro_batch"], plan["accum"]) == (2, 4, 1)
+    assert plan["zero_stage"] == 3  # several workers: ZeRO-3 shards across them
+    assert plan_run(recipe(replicas=1), train_pairs=50, validation_pairs=10, on_gpu=False)["zero_stage"] == 0
     assert plan["total_steps"] == 6 and plan["micro_steps_per_epoch"] == 6  # 50 // 8 steps, 1 micro step each
     assert plan["has_validation"] and plan["run_uri"] == "s3://bucket/runs/t"
     assert plan["model_uri"] == "s3://bucket/runs/t/model"

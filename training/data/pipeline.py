@@ -15,10 +15,12 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def split_of(source: str, validation_fraction: float, seed: int) -> str:
-    """A row's split from a hash of its file:line: stable across runs, shards and workers."""
+    """A row's split from a hash of its file name and line: stable across runs, shards and workers, and wherever the
+    files are (a local folder, its copy in S3, a test's temporary directory)."""
     if validation_fraction <= 0:
         return "train"
-    digest = hashlib.sha256(f"{seed}:{source}".encode()).digest()
+    path, _, line = source.rpartition(":")
+    digest = hashlib.sha256(f"{seed}:{path.rpartition('/')[2]}:{line}".encode()).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
 
 

@@ -14,6 +14,13 @@ def test_split_is_stable_and_close_to_the_fraction():
     assert {split_of(s, 0.0, seed=7) for s in sources} == {"train"}
 
 
+def test_split_does_not_depend_on_where_the_files_are():
+    local = [split_of(f"/tmp/pytest-158/data/pairs.jsonl:{i}", 0.3, seed=1) for i in range(1, 200)]
+    assert local == [split_of(f"s3://bucket/prefix/pairs.jsonl:{i}", 0.3, seed=1) for i in range(1, 200)]
+    assert local == [split_of(f"pairs.jsonl:{i}", 0.3, seed=1) for i in range(1, 200)]
+    assert local != [split_of(f"/tmp/pytest-158/data/other.jsonl:{i}", 0.3, seed=1) for i in range(1, 200)]
+
+
 def test_only_strings_are_errors():
     assert is_bad("missing key 'chosen'")
     assert not is_bad(None) and not is_bad("") and not is_bad(math.nan)

@@ -184,9 +184,11 @@ def raydpo_recipe(setup: dict, name: str, lora: bool, reference: str, beta: floa
 # dominates a 30-layer model at 512 tokens, is a quarter of a 4-pair forward's; gradient checkpointing then keeps
 # one layer's activations instead of 30 (on this machine it took a LoRA step from 12 s to 16 s and the worker's peak
 # RSS from 3.6 GB to 1.7 GB). All sides run on one worker, hence without ZeRO partitioning (ds_config.zero_stage).
+# The optimised sides also compute each pair's prompt once for both answers (training/batch.py collate_shared); the
+# plain side lays pairs out as TRL does, two padded rows per pair.
 SIDE_RECIPES = {
     "raydpo": ("bench-plain", True, "adapter_disabled", 0.1, 4, False,
-               {"length_grouping": False, "logps_head": False}),
+               {"length_grouping": False, "logps_head": False, "share_prompt": False}),
     "raydpo_optimized": ("bench-optimized", True, "precompute", 0.1, 1, True, {}),
     "raydpo_cached": ("bench-cached", True, "precompute", 0.2, 1, True, {}),
     "raydpo_full": ("bench-full", False, "precompute", 0.1, 1, True, {}),

@@ -1,8 +1,10 @@
-"""Loss inputs: tokenised pairs -> one batch with chosen rows first, then rejected rows.
+"""Loss inputs: tokenised pairs -> one batch whose log-probabilities come out chosen first, then rejected.
 
-Two layouts: padded (collate_pairs: [2B, T], right-padded) and packed (collate_packed: the 2B sequences end to end in
-one row [1, L] with position ids restarting at each sequence: no padding at all; transformers then attends within each
-sequence only, which is efficient with FlashAttention's variable-length kernels, and correct, if slower, elsewhere).
+Three layouts (batch_layout picks one): padded (collate_pairs: [2B, T], right-padded); packed (collate_packed: the 2B
+sequences end to end in one row [1, L] with position ids restarting at each sequence: no padding at all; transformers
+then attends within each sequence only, which is efficient with FlashAttention's variable-length kernels, and correct,
+if slower, elsewhere); and shared (collate_shared: one row per pair, prompt + chosen + rejected, with a 4D attention
+mask that keeps the answers apart, so the prompt is computed once instead of twice).
 Precomputed reference log-probabilities, when the rows carry them, ride along as [B] float32 tensors.
 """
 from __future__ import annotations
@@ -76,3 +78,77 @@ def collate_packed(batch: dict) -> dict:
             "segment_ids": torch.as_tensor([segments], dtype=torch.long),
             "loss_mask": torch.as_tensor([mask], dtype=torch.long), "sequences": len(sequences),
             "real_tokens": input_ids.shape[1], "computed_tokens": input_ids.shape[1], **reference_tensors(batch)}
+
+
+def shared_prompt_row(prompt: list[int], chosen: list[int], rejected: list[int]):
+    """(tokens, positions, segments, loss mask) of one pair as one row: prompt, chosen answer, rejected answer.
+
+    The prompt is computed once for both answers (raydpo issue 7: on HH a third of a pair's tokens). The rejected
+    answer starts with a copy of the prompt's last token at that token's position, seeing the prompt before it and
+    nothing of the chosen answer: its hidden state is the one the prompt's last token has in a row of its own, so it
+    predicts the rejected answer's first token (one position cannot hold two labels). Segments: 0 prompt, 1 chosen,
+    2 rejected (with the copy).
+    """
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    copy = [prompt[-1]] if p else []
+    tokens = list(prompt) + list(chosen) + copy + list(rejected)
+    positions = list(range(p + c)) + ([p - 1] if p else []) + list(range(p, p + r))
+    segments = [0] * p + [1] * c + [2] * (len(copy) + r)
+    def answer_mask(n):  # as in a row of its own, an answer's first token is a label only after a prompt
+        return [1 if p or i else 0 for i in range(n)]
+
+    loss_mask = [0] * p + answer_mask(c) + [0] * len(copy) + answer_mask(r)
+    return tokens, positions, segments, loss_mask
+
+
+def shared_prompt_mask(segments, prompt_length: int, length: int):
+    """[T, T] bool, True where query i attends to key j: causal over the row's `length` real tokens, except that the
+    rejected answer sees neither the chosen answer nor the prompt's last token (its copy stands in for it)."""
+    import torch
+
+    width = segments.shape[0]
+    index = torch.arange(width)
+    allowed = (index[None, :] <= index[:, None]) & (index[None, :] < length)
+    hidden_from_rejected = segments == 1
+    if prompt_length:
+        hidden_from_rejected = hidden_from_rejected | (index == prompt_length - 1)
+    return allowed & ~((segments == 2)[:, None] & hidden_from_rejected[None, :])
+
+
+def collate_shared(batch: dict, pad_id: int) -> dict:
+    """B pairs as B right-padded rows [B, T] (shared_prompt_row) with position_ids, segment ids (-1 on padding) and
+    "pair_mask", the [B, T, T] attention pattern. real_tokens counts what a padded layout holds (the prompt twice):
+    the same work measured the same way; computed_tokens is what the forward computes."""
+    import torch
+
+    rows = [shared_prompt_row(p, c, r) for p, c, r in
+            zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]
+    width = max(len(tokens) for tokens, *_ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    masks = []
+    for row, ((tokens, positions, segs, mask), prompt) in enumerate(zip(rows, batch["prompt_ids"])):
+        n = len(tokens)
+        input_ids[row, :n] = torch.as_tensor(tokens, dtype=torch.long)
+        position_ids[row, :n] = torch.as_tensor(positions, dtype=torch.long)
+        segments[row, :n] = torch.as_tensor(segs, dtype=torch.long)
+        loss_mask[row, :n] = torch.as_tensor(mask, dtype=torch.long)
+        masks.append(shared_prompt_mask(segments[row], len(prompt), n))
+    real = sum(2 * len(p) + len(c) + len(r) for p, c, r in
+               zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]))
+    return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "loss_mask": loss_mask,
+            "pair_mask": torch.stack(masks), "real_tokens": real, "computed_tokens": int(input_ids.numel()),
+            **reference_tensors(batch)}
+
+
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def batch_layout(packing: bool, share_prompt: bool, attention: str | None) -> str:
+    """"packed" (collate_packed), "shared" (collate_shared: the prompt once per pair) or "padded" (collate_pairs).
+    FlashAttention takes no 4D mask: there the prompt is not shared (packing is its padding-free layout)."""
+    if packing:
+        return "packed"
+    return "shared" if share_prompt and attention in SHARED_PROMPT_ATTENTION else "padded"

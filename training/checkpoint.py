@@ -195,11 +195,6 @@ def checkpoint_to_resume(plan: dict, rank: int) -> str | None:
     return chosen
 
 
-def saved_epoch(uri: str) -> int:
-    """The epoch a checkpoint resumes in, read before any model is loaded (the data can start meanwhile)."""
-    return int(json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}"))["epoch"])
-
-
 def restore(engine, uri: str, rank: int) -> dict:
     """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state."""
     with local_copy(uri, rank) as folder:

@@ -90,7 +90,8 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
         datasets, plan["reference_precompute"] = precompute_reference(
             datasets, recipe, key_parts={"train": file_fingerprints(train_files), "validation":
                                          file_fingerprints(val_files)},
-            on_gpu=on_gpu, actors=plan["workers"] if on_gpu else 1, chunk_size=plan["logprob_chunk"], say=say)
+            on_gpu=on_gpu, actors=plan["workers"] if on_gpu else 1, chunk_size=plan["logprob_chunk"], say=say,
+            share_prompt=plan["share_prompt"])
 
     # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
     resume = ckpt.resume_point(f"{uri}/{RAY_TRAIN_DIR}", resume_from)

@@ -118,3 +118,12 @@ def cpu_threads(cores: int, local_workers: int, requested: str | None = None) ->
     if requested and requested.strip().isdigit() and int(requested) > 0:
         return int(requested)
     return max(1, cores // max(1, local_workers))
+
+
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads in a CPU actor: Ray sets OMP_NUM_THREADS=1 for an actor holding one CPU, which
+    leaves the machine's other cores idle when there are fewer actors than cores."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

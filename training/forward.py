@@ -77,7 +77,12 @@ def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool 
     """
     labels = shifted_labels(batch["input_ids"], batch["loss_mask"])
     inputs = {"input_ids": batch["input_ids"]}
-    if "segment_ids" in batch:
+    if "pair_mask" in batch:  # collate_shared: one row per pair, the prompt computed once
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        blocked = torch.zeros(batch["pair_mask"].shape, dtype=dtype, device=batch["pair_mask"].device)
+        inputs |= {"position_ids": batch["position_ids"],  # an additive 4D mask: eager and SDPA attention take it
+                   "attention_mask": blocked.masked_fill(~batch["pair_mask"], torch.finfo(dtype).min)[:, None]}
+    elif "segment_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]  # no attention mask: the model finds the packed sequences
     else:
         inputs["attention_mask"] = batch["attention_mask"]
@@ -85,6 +90,13 @@ def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool 
         per_token = model(**inputs, logps_labels=labels, logps_chunk=chunk_size)
     else:
         per_token = token_logps(model(**inputs).logits, labels, chunk_size)
+    if "pair_mask" in batch:  # each label belongs to the answer of the token it predicts
+        predicted = torch.full_like(batch["segments"], -1)
+        predicted[:, :-1] = batch["segments"][:, 1:]
+        labelled = labels != IGNORE_INDEX
+        (chosen, chosen_n), (rejected, rejected_n) = (sequence_logps(per_token, labelled & (predicted == segment))
+                                                      for segment in (1, 2))
+        return torch.cat([chosen, rejected]), torch.cat([chosen_n, rejected_n])
     if "segment_ids" not in batch:
         return sequence_logps(per_token, labels != IGNORE_INDEX)
     return segment_sums(per_token[0], batch["segment_ids"][0], batch["sequences"],

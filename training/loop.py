@@ -6,22 +6,19 @@ Data shard; the model sits in a DeepSpeed ZeRO-3 engine that we drive directly.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from training import checkpoint as ckpt
 from training import ds_config
-from training.batch import collate_packed, collate_pairs
+from training.batch import batch_layout, collate_packed, collate_pairs, collate_shared
 from training.data.pipeline import grouped_micro_batches
 from training.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
@@ -65,29 +62,10 @@ def train_loop(config: dict) -> None:
     dropouts = dropout_overrides(model_config, {k: model_cfg[k] for k in
                                                 ("hidden_dropout", "attention_dropout", "ffn_dropout")})
 
-    collate = collate_packed if plan["packing"] else partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-
-    def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
-        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
-
-    def batches(split: str, epoch: int):
-        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
-            return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
-                                         buffer_size=plan["group_buffer"], collate=collate_with_sources,
-                                         seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
-                                         else None)
-        return ray.train.get_dataset_shard(split).iter_torch_batches(
-            batch_size=plan["micro_batch"], collate_fn=collate_with_sources, drop_last=True,
-            local_shuffle_buffer_size=plan["shuffle_buffer"] if split == "train" else None,
-            local_shuffle_seed=tc["seed"] + epoch if split == "train" else None)
-
-    # which checkpoint to resume from is known before the model loads, so the first epoch's data pipeline (Ray
-    # Data's executor and its worker processes, tens of seconds on a small CPU node) starts while the model loads
     resume_uri = ckpt.checkpoint_to_resume(plan, rank)
-    first_epoch = ckpt.saved_epoch(resume_uri) if resume_uri else 0
-    early_batches = started_early(batches("train", first_epoch))
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
+    attention = policy.config._attn_implementation
     if plan["logps_head"]:
         add_logps_head(policy)  # before PEFT wraps it: the adapters' forward reaches the patched one
     if lora:
@@ -109,6 +87,24 @@ def train_loop(config: dict) -> None:
             add_logps_head(ref_model)
         reference, *_ = deepspeed.initialize(model=ref_model, config=ds_config.reference_config(engine_config))
         reference.eval()
+
+    layout = batch_layout(plan["packing"], plan["share_prompt"], attention)
+    collate = {"packed": collate_packed, "shared": partial(collate_shared, pad_id=tokenizer.pad_token_id),
+               "padded": partial(collate_pairs, pad_id=tokenizer.pad_token_id)}[layout]
+
+    def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
+        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
+
+    def batches(split: str, epoch: int):
+        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
+            return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
+                                         buffer_size=plan["group_buffer"], collate=collate_with_sources,
+                                         seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
+                                         else None)
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
+            batch_size=plan["micro_batch"], collate_fn=collate_with_sources, drop_last=True,
+            local_shuffle_buffer_size=plan["shuffle_buffer"] if split == "train" else None,
+            local_shuffle_seed=tc["seed"] + epoch if split == "train" else None)
 
     # resuming: after a worker-group restart, a driver rerun or --resume-from (the step, epoch and data position)
     state = ckpt.restore(engine, resume_uri, rank) if resume_uri else {"step": 0, "epoch": 0, "micro_in_epoch": 0}
@@ -165,8 +161,7 @@ def train_loop(config: dict) -> None:
     while state["step"] < plan["total_steps"]:
         step_sums, step_started, step_sources = dict.fromkeys(SUMS, 0.0), time.time(), []
         skip = state["micro_in_epoch"]  # resuming mid-epoch: batches this epoch already trained on
-        epoch_batches = early_batches if state["epoch"] == first_epoch else batches("train", state["epoch"])
-        for micro, batch in enumerate(epoch_batches):
+        for micro, batch in enumerate(batches("train", state["epoch"])):
             if micro < skip:
                 continue
             if micro >= plan["micro_steps_per_epoch"] or state["step"] >= plan["total_steps"]:
@@ -235,32 +230,6 @@ def grad_norm(engine) -> float | None:
     grads = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
 
-
-def started_early(items):
-    """`items` as an iterator whose first item is fetched now, in a thread; iterating waits for it, then goes on in
-    the caller's thread (never both at once, so an iterator that is not thread-safe is fine)."""
-    iterator, box = iter(items), {}
-
-    def fetch_first():
-        try:
-            box["first"] = next(iterator)
-        except StopIteration:
-            pass
-        except BaseException as error:  # re-raised where the items are consumed
-            box["error"] = error
-
-    thread = threading.Thread(target=fetch_first, name="raydpo-first-batch", daemon=True)
-    thread.start()
-
-    def rest():
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        if "first" in box:
-            yield box["first"]
-            yield from iterator
-
-    return rest()
 
 
 def seed_everything(seed: int) -> None:

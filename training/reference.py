@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from training import storage
-from training.batch import collate_pairs
+from training.batch import batch_layout, collate_pairs, collate_shared
 from training.data.pipeline import TOKEN_COLUMNS, pair_width
 
 CACHE_DIR = "_reference_cache"
@@ -89,11 +89,12 @@ class ReferenceStage:
     """Ray Data map_batches stage: one reference model per actor; adds ref_chosen_logps / ref_rejected_logps."""
 
     def __init__(self, model_source: str, precision: str, chunk_size: int = 1024,
-                 tokens_per_forward: int = TOKENS_PER_FORWARD, threads: int | None = None):
+                 tokens_per_forward: int = TOKENS_PER_FORWARD, threads: int | None = None,
+                 share_prompt: bool = True):
         import torch
 
         from training import ds_config
-        from training.eval.generate import use_threads
+        from training.ds_config import use_threads
         from training.forward import add_logps_head
 
         use_threads(threads)
@@ -107,6 +108,8 @@ class ReferenceStage:
         add_logps_head(self.model)
         self.pad_id = load_tokenizer(model_source).pad_token_id
         self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
+        # as the training loop lays pairs out (training/batch.py batch_layout): the same sums, within float noise
+        self.layout = batch_layout(False, share_prompt, self.model.config._attn_implementation)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -118,7 +121,8 @@ class ReferenceStage:
         chosen = np.zeros(len(rows), dtype=np.float32)
         rejected = np.zeros(len(rows), dtype=np.float32)
         for group in forward_groups([pair_width(r) for r in rows], self.tokens_per_forward):
-            pairs = collate_pairs({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS}, pad_id=self.pad_id)
+            collate = collate_shared if self.layout == "shared" else collate_pairs
+            pairs = collate({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS}, pad_id=self.pad_id)
             inputs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
             with torch.no_grad():
                 logps, _ = sequence_logps_of(self.model, inputs, chunk_size=self.chunk_size)
@@ -138,7 +142,7 @@ def read_marker(uri: str) -> dict | None:
 
 
 def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
-                  actors: int, on_gpu: bool):
+                  actors: int, on_gpu: bool, share_prompt: bool = True):
     from training.ds_config import cpu_threads
 
     fs, path = storage.pyarrow_filesystem_for(target_uri)
@@ -147,7 +151,7 @@ def compute_split(dataset, target_uri: str, *, model_source: str, precision: str
     dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
         ReferenceStage, batch_size=64, concurrency=actors, num_gpus=1 if on_gpu else 0, num_cpus=1,
         fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size,
-                                   threads=threads),
+                                   threads=threads, share_prompt=share_prompt),
     ).write_parquet(path, filesystem=fs)
 
 
@@ -159,7 +163,7 @@ def read_split(uri: str):
 
 
 def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gpu: bool, actors: int,
-                         chunk_size: int, say) -> tuple[dict, dict]:
+                         chunk_size: int, say, share_prompt: bool = True) -> tuple[dict, dict]:
     """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
     {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}."""
     from training import ds_config
@@ -177,7 +181,7 @@ def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gp
             folder = f"{root}/{split}-{uuid.uuid4().hex[:8]}"  # a crash leaves an orphan folder, never a half cache
             say(f"reference log-probs ({split}): computing with {actors} model actor(s) into {folder}")
             compute_split(dataset, folder, model_source=model_source, precision=recipe["training_config"]["precision"],
-                          chunk_size=chunk_size, actors=actors, on_gpu=on_gpu)
+                          chunk_size=chunk_size, actors=actors, on_gpu=on_gpu, share_prompt=share_prompt)
             marker = {"folder": folder, "seconds": time.time() - started, "key_parts": key_parts}
             storage.write_bytes(marker_uri, json.dumps(marker, indent=2).encode())
             info["seconds"] += marker["seconds"]

@@ -235,6 +235,22 @@ def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
     return first["path"] if first is not model else None
 
 
+def reference_scored_as(model: dict, earlier: list[dict]) -> str | None:
+    """The label of a model scored before `model` whose weights are `model`'s reference (a LoRA adapter's base, the
+    model a full run trained from): its log-probabilities are reused instead of a second forward pass per pair."""
+    from training import storage
+    from training.eval.preference import ADAPTER_DISABLED
+
+    reference = model.get("reference")
+    if reference == ADAPTER_DISABLED:
+        config = json.loads(storage.read_bytes(join(model["path"], "adapter_config.json")))
+        reference = config.get("base_model_name_or_path")
+    if not reference:
+        return None
+    same = lambda path: str(Path(path).resolve()) if Path(path).exists() else str(path)  # noqa: E731
+    return next((m["label"] for m in earlier if same(m["path"]) == same(reference)), None)
+
+
 def preference_beta(recipe, model: dict) -> float:
     """evaluation.beta, else the beta the model was trained with (its run's recipe.yaml), else 0.1 (TRL's)."""
     if recipe.evaluation.beta is not None:
@@ -279,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         for i, model in enumerate(models):
             model["reference"] = preference_reference(model, models[0], is_base=i == 0 and len(models) > 1)
             model["beta"] = preference_beta(recipe, model)
+            model["reference_scored_as"] = reference_scored_as(model, models[:i])
     out_dir = eval_output_dir(recipe.run.output_s3_path, recipe.run.name)
     log_file = eval_log_file(out_dir)
 

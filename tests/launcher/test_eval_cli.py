@@ -33,6 +33,23 @@ def test_relative_change_by_hand():
     assert got == pytest.approx({"f1": 0.2, "logps_chosen": 0.5, "bleu": None})
 
 
+def test_a_reference_already_scored_is_found_by_its_weights(tmp_path, monkeypatch):
+    from training.eval.preference import ADAPTER_DISABLED
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    monkeypatch.chdir(tmp_path)  # the adapter names its base by a relative path, the eval by an absolute one
+    base = {"label": "base", "path": str(tmp_path / "base")}
+    other = {"label": "other", "path": "org/other-model"}
+    lora = {"label": "tuned", "path": str(tmp_path / "adapter"), "reference": ADAPTER_DISABLED}
+    assert ev.reference_scored_as(lora, [other, base]) == "base"
+    assert ev.reference_scored_as(lora, [other]) is None  # its base was not scored: the actor runs it
+    full = {"label": "tuned", "path": "run/model", "reference": "org/other-model"}
+    assert ev.reference_scored_as(full, [base, other]) == "other"
+    assert ev.reference_scored_as({"label": "base", "path": "x", "reference": None}, [other]) is None
+
+
 def test_select_metrics_keeps_confidence_bounds():
     metrics = {"win_rate": 0.5, "win_rate_ci_low": 0.2, "win_rate_ci_high": 0.8, "tie_rate": 0.5, "wins": 1}
     assert ev.select_metrics(metrics, ("win_rate",)) == {"win_rate": 0.5, "win_rate_ci_low": 0.2,

@@ -1,9 +1,10 @@
 """Loss inputs: the padded and the packed layouts, by hand and against each other on a tiny model."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from training.batch import collate_packed, collate_pairs, packed_layout
+from training.batch import batch_layout, collate_packed, collate_pairs, collate_shared, packed_layout, shared_prompt_row
 from training.forward import add_logps_head, sequence_logps_of
 
 PAIRS = {"prompt_ids": [[5, 6, 7], [8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[17], [18, 19]]}
@@ -62,3 +63,67 @@ def test_packed_and_padded_give_the_same_logps_and_gradients(tiny_model_dir):
     assert packed_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prompt_row_hand_worked():
+    tokens, positions, segments, loss_mask = shared_prompt_row([5, 6, 7], [9, 10], [17, 18])
+    assert tokens == [5, 6, 7, 9, 10, 7, 17, 18]  # the prompt's last token again, starting the rejected answer
+    assert positions == [0, 1, 2, 3, 4, 2, 3, 4]
+    assert segments == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert loss_mask == [0, 0, 0, 1, 1, 0, 1, 1]
+    # no prompt: nothing predicts either answer's first token, as in rows of their own
+    assert shared_prompt_row([], [9, 10], [17]) == ([9, 10, 17], [0, 1, 0], [1, 1, 2], [0, 1, 0])
+
+
+def test_collate_shared_hand_worked():
+    batch = collate_shared({"prompt_ids": [[5, 6], [8]], "chosen_ids": [[9], [11, 12]], "rejected_ids": [[17], [18]]},
+                           pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 9, 6, 17], [8, 11, 12, 8, 18]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2], [0, 1, 2, 0, 1]]
+    assert batch["segments"].tolist() == [[0, 0, 1, 2, 2], [0, 1, 1, 2, 2]]
+    # row 0: the copy (index 3) and the rejected token (4) see the prompt's first token and each other only
+    assert batch["pair_mask"][0].int().tolist() == [[1, 0, 0, 0, 0],
+                                                    [1, 1, 0, 0, 0],
+                                                    [1, 1, 1, 0, 0],
+                                                    [1, 0, 0, 1, 0],
+                                                    [1, 0, 0, 1, 1]]
+    # what a padded layout holds (2 + 1 + 2 + 1) + (1 + 2 + 1 + 1), against the 2 x 5 computed
+    assert (batch["real_tokens"], batch["computed_tokens"]) == (11, 10)
+
+
+def test_collate_shared_pads_and_masks_the_padding():
+    batch = collate_shared({"prompt_ids": [[5], [8, 9, 10]], "chosen_ids": [[9], [11]], "rejected_ids": [[17], [18]]},
+                           pad_id=0)
+    assert batch["input_ids"][0].tolist() == [5, 9, 5, 17, 0, 0]
+    assert batch["segments"][0].tolist() == [0, 1, 2, 2, -1, -1]
+    assert not batch["pair_mask"][0, :, 4:].any()  # no query sees a padding key
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_and_padded_give_the_same_logps_and_gradients(tiny_model_dir, attention):
+    from transformers import AutoModelForCausalLM
+
+    pairs = {"prompt_ids": [[5, 6, 7], [8], []], "chosen_ids": [[9, 10], [11, 12, 13, 14], [15, 16]],
+             "rejected_ids": [[17], [18, 19], [20, 21, 22]]}
+    results = []
+    for collate in (lambda p: collate_pairs(p, pad_id=0), lambda p: collate_shared(p, pad_id=0)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                     attn_implementation=attention)
+        add_logps_head(model)
+        logps, counts = sequence_logps_of(model, collate(pairs))
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), counts, {n: p.grad for n, p in model.named_parameters()}))
+    (padded, padded_n, padded_grads), (shared, shared_n, shared_grads) = results
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    assert shared_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_layout_table():
+    assert batch_layout(packing=True, share_prompt=True, attention="sdpa") == "packed"
+    assert batch_layout(packing=False, share_prompt=True, attention="sdpa") == "shared"
+    assert batch_layout(packing=False, share_prompt=True, attention="eager") == "shared"
+    # FlashAttention takes no 4D mask
+    assert batch_layout(packing=False, share_prompt=True, attention="flash_attention_2") == "padded"
+    assert batch_layout(packing=False, share_prompt=False, attention="sdpa") == "padded"

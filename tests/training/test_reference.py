@@ -87,12 +87,15 @@ def test_forward_groups_hand_worked():
     assert forward_groups([50], 28) == [[0]]  # too wide for the budget: alone, never dropped
 
 
-def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir, share_prompt):
     from training.models import load_tokenizer
 
     pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
-    # a budget that splits the stage's forwards differently from the training micro-batches
-    stage = ReferenceStage(str(tiny_model_dir), precision="fp32", tokens_per_forward=40)
+    # a budget that splits the stage's forwards differently from the training micro-batches; the live reference
+    # runs on padded rows, the stage on shared-prompt rows or on padded ones
+    stage = ReferenceStage(str(tiny_model_dir), precision="fp32", tokens_per_forward=40, share_prompt=share_prompt)
+    assert stage.layout == ("shared" if share_prompt else "padded")
     out = stage(as_ray_batch(PAIRS))
     assert set(out) >= {"prompt_ids", "ref_chosen_logps", "ref_rejected_logps"}
     live_chosen, live_rejected = live_reference(tiny_model_dir, PAIRS, pad_id, micro_batch=2)

@@ -82,6 +82,8 @@ class GeneratorActor:
     """A Ray Data actor: loads the model once, answers a batch of prompts per call."""
 
     def __init__(self, model_source: str, settings: dict, device: str = "cpu", threads: int | None = None):
+        from training.ds_config import use_threads
+
         use_threads(threads)
         self.settings = GenerationSettings(**settings)
         self.device = device
@@ -110,15 +112,6 @@ class GeneratorActor:
             cut.append(not ended)
         return {"index": list(batch["index"]), "prediction": predictions, "new_tokens": lengths,
                 "hit_max_new_tokens": cut}
-
-
-def use_threads(threads: int | None) -> None:
-    """torch's intra-op threads in a CPU actor: Ray sets OMP_NUM_THREADS=1 for an actor holding one CPU, which
-    leaves the machine's other cores idle when there are fewer actors than cores."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, workers: int, use_gpu: bool,

@@ -77,7 +77,10 @@ class LogpsActor:
 
     def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu",
                  threads: int | None = None):
-        from training.eval.generate import load_for_inference, use_threads
+        from training.batch import batch_layout
+        from training.ds_config import use_threads
+        from training.eval.generate import load_for_inference
+        from training.forward import add_logps_head
 
         use_threads(threads)
         self.settings = PreferenceSettings(**settings)
@@ -87,29 +90,34 @@ class LogpsActor:
         self.reference_model = None
         if reference not in (None, ADAPTER_DISABLED):
             self.reference_model = load_for_inference(reference, device)[1]
+        for model in filter(None, (self.model, self.reference_model)):
+            # the training forward: answer positions only, the prompt once per pair (training/forward.py, batch.py)
+            add_logps_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        self.layout = batch_layout(False, True, self.model.config._attn_implementation)
 
     def _logps(self, model, batch: dict):
         import torch
 
-        from training.logprobs import sequence_logps, token_logps
+        from training.forward import sequence_logps_of
 
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["input_ids"][:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, -100)
-            logps, counts = sequence_logps(token_logps(logits[:, :-1], labels), batch["loss_mask"][:, 1:])
+            logps, counts = sequence_logps_of(model, batch)
         half = logps.shape[0] // 2
         return logps[:half].tolist(), logps[half:].tolist(), counts[:half].tolist(), counts[half:].tolist()
 
     def __call__(self, batch: dict) -> dict:
-        from training.batch import collate_pairs
+        import torch
+
+        from training.batch import collate_pairs, collate_shared
         from training.data.tokenize import tokenize_record
 
         records = [json.loads(str(r)) for r in batch["record"]]
         tokenized = [tokenize_record(r, self.tokenizer, max_length=self.settings.max_length,
                                      default_system=self.settings.system_prompt) for r in records]
-        pairs = collate_pairs({k: [t[k] for t in tokenized] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
-                              pad_id=self.tokenizer.pad_token_id)
-        pairs = {k: v.to(self.device) for k, v in pairs.items() if k in ("input_ids", "attention_mask", "loss_mask")}
+        collate = collate_shared if self.layout == "shared" else collate_pairs
+        pairs = collate({k: [t[k] for t in tokenized] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+                        pad_id=self.tokenizer.pad_token_id)
+        pairs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
         chosen, rejected, n_chosen, n_rejected = self._logps(self.model, pairs)
         out = {"index": list(batch["index"]), "logp_chosen": chosen, "logp_rejected": rejected,
                "tokens_chosen": n_chosen, "tokens_rejected": n_rejected,
@@ -158,17 +166,28 @@ def read_pairs(path: str, *, fmt: str = "auto", key_map: dict | None = None,
     return records, bad
 
 
+def with_reference(scored: list[dict], reference: list[dict]) -> list[dict]:
+    """Per-pair scores with the reference's log-probabilities, taken from another model's scores on the same pairs."""
+    return [s | {"ref_logp_chosen": r["logp_chosen"], "ref_logp_rejected": r["logp_rejected"]}
+            for s, r in zip(scored, reference, strict=True)]
+
+
 def evaluate(records: list[dict], models: list[dict], settings: PreferenceSettings, *, workers: int = 1,
              use_gpu: bool = False) -> tuple[dict, list[dict], list[dict]]:
-    """(per-model entries, per-pair records, examples) for models [{"label", "path", "reference", "beta"}].
+    """(per-model entries, per-pair records, examples) for models [{"label", "path", "reference", "beta"[,
+    "reference_scored_as"]}]; reference_scored_as names an earlier model that is the reference, whose scores are
+    reused (the reference forward is not run again).
 
     An entry is {"path", "metrics", "n", "reference", "beta", "truncated_pairs"}; reward metrics need a reference.
     """
     per_row = [{"source": r["source"]} for r in records]
-    entries = {}
+    entries, scores = {}, {}
     for model in models:
-        scored = score_pairs(records, model["path"], model.get("reference"), settings, workers=workers,
-                             use_gpu=use_gpu)
+        reused = scores.get(model.get("reference_scored_as"))
+        scored = score_pairs(records, model["path"], None if reused else model.get("reference"), settings,
+                             workers=workers, use_gpu=use_gpu)
+        scored = with_reference(scored, reused) if reused else scored
+        scores[model["label"]] = scored
         beta = model.get("beta") if model.get("reference") else None
         entries[model["label"]] = {"path": model["path"], "metrics": preference_metrics(scored, beta),
                                    "n": len(records), "reference": model.get("reference"), "beta": beta,

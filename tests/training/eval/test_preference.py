@@ -126,6 +126,25 @@ def test_full_model_reference_is_a_second_model(tiny_model_dir, tmp_path):
     assert m["reward_margin"] == pytest.approx(sum(c - r for c, r in zip(rc, rr)) / 3)
 
 
+def test_a_reference_scored_earlier_is_reused_not_run_again(tiny_model_dir, lora_dir, monkeypatch):
+    calls = []
+
+    def score_in_process(records, model_source, reference, settings, **_):  # the actor, without Ray
+        calls.append((model_source, reference))
+        got = p.LogpsActor(model_source, reference, {})(_batch(records))
+        return [{k: v[i] for k, v in got.items() if k != "index"} for i in range(len(records))]
+
+    monkeypatch.setattr(p, "score_pairs", score_in_process)
+    base = {"label": "base", "path": str(tiny_model_dir), "reference": None}
+    tuned = {"label": "tuned", "path": str(lora_dir), "reference": p.ADAPTER_DISABLED, "beta": 0.1}
+    live, _, _ = p.evaluate(RECORDS, [base, tuned], p.PreferenceSettings())
+    assert calls[-1] == (str(lora_dir), p.ADAPTER_DISABLED)
+    reused, _, _ = p.evaluate(RECORDS, [base, tuned | {"reference_scored_as": "base"}], p.PreferenceSettings())
+    assert calls[-1] == (str(lora_dir), None)  # the tuned model's forward only
+    assert reused["tuned"]["metrics"] == pytest.approx(live["tuned"]["metrics"], rel=1e-5)
+    assert "reward_margin" in reused["tuned"]["metrics"]
+
+
 def test_read_pairs_counts_bad_rows(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"

@@ -74,10 +74,26 @@ def download_model(uri: str) -> Path:
     return target
 
 
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    return _cache_dir("gguf", f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+
+
+def resolved_location(source: str) -> str:
+    """Where resolve_model_source(source) loads the model from, found without downloading or converting anything
+    (two sources name the same weights when these are equal)."""
+    if source == OFFLINE_SMOLLM2:
+        return str(gguf_cache_dir(offline_smollm2_gguf()))
+    if source.startswith("s3://"):
+        return str(_cache_dir("s3-models", source))
+    if source.endswith(".gguf") and Path(source).is_file():
+        return str(gguf_cache_dir(Path(source)))
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
 def gguf_to_folder(gguf_path: Path) -> Path:
     """Loads a GGUF once through transformers and saves safetensors: loading GGUF each time takes seconds."""
-    stat = gguf_path.stat()
-    target = _cache_dir("gguf", f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    target = gguf_cache_dir(gguf_path)
     if (target / ".complete").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

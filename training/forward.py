@@ -71,8 +71,9 @@ def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
 def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool = True):
     """(summed response log-probs, response token counts) per sequence of a collated batch: ([S], [S]).
 
-    batch: collate_pairs' padded batch, or collate_packed's packed one (then "segment_ids" says which sequence each
-    position belongs to, and S is the number of sequences). head=False takes the model's full logits instead (the
+    batch: collate_pairs' padded batch, collate_packed's packed one (then "segment_ids" says which sequence each
+    position belongs to, and S is the number of sequences), or collate_shared's one row per pair (then "pair_mask"
+    keeps the answers apart; S is twice the rows, chosen first). head=False takes the model's full logits instead (the
     unoptimised path, kept for comparison and for models that cannot take the head).
     """
     labels = shifted_labels(batch["input_ids"], batch["loss_mask"])

@@ -146,6 +146,15 @@ def collate_shared(batch: dict, pad_id: int) -> dict:
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 
 
+def mask_attention(config) -> str | None:
+    """The attention implementation, as batch_layout reads it; "sliding_window" for a model with sliding-window
+    layers (Mistral, Gemma 2/3): a custom 4D mask would bypass its window, so its pairs keep padded rows."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return "sliding_window"
+    return getattr(config, "_attn_implementation", None)
+
+
 def batch_layout(packing: bool, share_prompt: bool, attention: str | None) -> str:
     """"packed" (collate_packed), "shared" (collate_shared: the prompt once per pair) or "padded" (collate_pairs).
     FlashAttention takes no 4D mask: there the prompt is not shared (packing is its padding-free layout)."""

@@ -18,7 +18,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training import ds_config
-from training.batch import batch_layout, collate_packed, collate_pairs, collate_shared
+from training.batch import batch_layout, collate_packed, collate_pairs, collate_shared, mask_attention
 from training.data.pipeline import grouped_micro_batches
 from training.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
@@ -65,7 +65,7 @@ def train_loop(config: dict) -> None:
     resume_uri = ckpt.checkpoint_to_resume(plan, rank)
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
-    attention = policy.config._attn_implementation
+    attention = mask_attention(policy.config)
     if plan["logps_head"]:
         add_logps_head(policy)  # before PEFT wraps it: the adapters' forward reaches the patched one
     if lora:

@@ -77,7 +77,7 @@ class LogpsActor:
 
     def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu",
                  threads: int | None = None):
-        from training.batch import batch_layout
+        from training.batch import batch_layout, mask_attention
         from training.ds_config import use_threads
         from training.eval.generate import load_for_inference
         from training.forward import add_logps_head
@@ -93,7 +93,7 @@ class LogpsActor:
         for model in filter(None, (self.model, self.reference_model)):
             # the training forward: answer positions only, the prompt once per pair (training/forward.py, batch.py)
             add_logps_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self.layout = batch_layout(False, True, self.model.config._attn_implementation)
+        self.layout = batch_layout(False, True, mask_attention(self.model.config))
 
     def _logps(self, model, batch: dict):
         import torch

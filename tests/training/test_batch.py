@@ -46,26 +46,6 @@ def test_collate_packed_hand_worked():
     assert batch["sequences"] == 4 and batch["real_tokens"] == batch["computed_tokens"] == 16
 
 
-def test_packed_and_padded_give_the_same_logps_and_gradients(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    pairs = {"prompt_ids": [[5, 6, 7], [8], []], "chosen_ids": [[9, 10], [11, 12, 13, 14], [15, 16]],
-             "rejected_ids": [[17], [18, 19], [20, 21, 22]]}
-    results = []
-    for collate in (lambda p: collate_pairs(p, pad_id=0), collate_packed):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        add_logps_head(model)
-        logps, counts = sequence_logps_of(model, collate(pairs))
-        (logps * torch.arange(1.0, 7.0)).sum().backward()
-        results.append((logps.detach(), counts, {n: p.grad for n, p in model.named_parameters()}))
-    (padded, padded_n, padded_grads), (packed, packed_n, packed_grads) = results
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
-    # the empty prompt's first response token is predicted by nothing in either layout
-    assert packed_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_shared_prompt_row_hand_worked():
     tokens, positions, segments, loss_mask = shared_prompt_row([5, 6, 7], [9, 10], [17, 18])
     assert tokens == [5, 6, 7, 9, 10, 7, 17, 18]  # the prompt's last token again, starting the rejected answer
@@ -100,25 +80,29 @@ def test_collate_shared_pads_and_masks_the_padding():
     assert not batch["pair_mask"][0, :, 4:].any()  # no query sees a padding key
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prompt_and_padded_give_the_same_logps_and_gradients(tiny_model_dir, attention):
+LAYOUTS = {"packed": collate_packed, "shared": lambda pairs: collate_shared(pairs, pad_id=0)}
+
+
+@pytest.mark.parametrize("layout,attention", [("packed", "sdpa"), ("shared", "sdpa"), ("shared", "eager")])
+def test_packed_and_shared_layouts_give_the_padded_logps_and_gradients(tiny_model_dir, layout, attention):
     from transformers import AutoModelForCausalLM
 
     pairs = {"prompt_ids": [[5, 6, 7], [8], []], "chosen_ids": [[9, 10], [11, 12, 13, 14], [15, 16]],
              "rejected_ids": [[17], [18, 19], [20, 21, 22]]}
     results = []
-    for collate in (lambda p: collate_pairs(p, pad_id=0), lambda p: collate_shared(p, pad_id=0)):
+    for collate in (lambda p: collate_pairs(p, pad_id=0), LAYOUTS[layout]):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                      attn_implementation=attention)
         add_logps_head(model)
         logps, counts = sequence_logps_of(model, collate(pairs))
         (logps * torch.arange(1.0, 7.0)).sum().backward()
         results.append((logps.detach(), counts, {n: p.grad for n, p in model.named_parameters()}))
-    (padded, padded_n, padded_grads), (shared, shared_n, shared_grads) = results
-    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
-    assert shared_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
+    (padded, padded_n, padded_grads), (other, other_n, other_grads) = results
+    torch.testing.assert_close(other, padded, rtol=1e-5, atol=1e-5)
+    # the empty prompt's first response token is predicted by nothing in any layout
+    assert other_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
     for name, grad in padded_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_batch_layout_table():

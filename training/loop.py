@@ -18,7 +18,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training import ds_config
-from training.batch import batch_layout, collate_packed, collate_pairs, collate_shared, mask_attention
+from training.batch import batch_layout, collate_for, mask_attention
 from training.data.pipeline import grouped_micro_batches
 from training.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
@@ -88,9 +88,7 @@ def train_loop(config: dict) -> None:
         reference, *_ = deepspeed.initialize(model=ref_model, config=ds_config.reference_config(engine_config))
         reference.eval()
 
-    layout = batch_layout(plan["packing"], plan["share_prompt"], attention)
-    collate = {"packed": collate_packed, "shared": partial(collate_shared, pad_id=tokenizer.pad_token_id),
-               "padded": partial(collate_pairs, pad_id=tokenizer.pad_token_id)}[layout]
+    collate = collate_for(batch_layout(plan["packing"], plan["share_prompt"], attention), tokenizer.pad_token_id)
 
     def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
         return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
@@ -229,7 +227,6 @@ def grad_norm(engine) -> float | None:
         return None  # ZeRO's and the 16-bit optimizers' own norm is read after the step
     grads = [p.grad.detach().norm() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
-
 
 
 def seed_everything(seed: int) -> None:

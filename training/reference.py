@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from training import storage
-from training.batch import batch_layout, collate_pairs, collate_shared, mask_attention
+from training.batch import batch_layout, collate_for, mask_attention
 from training.data.pipeline import TOKEN_COLUMNS, pair_width
 
 CACHE_DIR = "_reference_cache"
@@ -110,6 +110,7 @@ class ReferenceStage:
         self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
         # as the training loop lays pairs out (training/batch.py batch_layout): the same sums, within float noise
         self.layout = batch_layout(False, share_prompt, mask_attention(self.model.config))
+        self.collate = collate_for(self.layout, self.pad_id)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -121,8 +122,7 @@ class ReferenceStage:
         chosen = np.zeros(len(rows), dtype=np.float32)
         rejected = np.zeros(len(rows), dtype=np.float32)
         for group in forward_groups([pair_width(r) for r in rows], self.tokens_per_forward):
-            collate = collate_shared if self.layout == "shared" else collate_pairs
-            pairs = collate({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS}, pad_id=self.pad_id)
+            pairs = self.collate({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS})
             inputs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
             with torch.no_grad():
                 logps, _ = sequence_logps_of(self.model, inputs, chunk_size=self.chunk_size)

@@ -77,7 +77,7 @@ class LogpsActor:
 
     def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu",
                  threads: int | None = None):
-        from training.batch import batch_layout, mask_attention
+        from training.batch import batch_layout, collate_for, mask_attention
         from training.ds_config import use_threads
         from training.eval.generate import load_for_inference
         from training.forward import add_logps_head
@@ -94,6 +94,7 @@ class LogpsActor:
             # the training forward: answer positions only, the prompt once per pair (training/forward.py, batch.py)
             add_logps_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.layout = batch_layout(False, True, mask_attention(self.model.config))
+        self.collate = collate_for(self.layout, self.tokenizer.pad_token_id)
 
     def _logps(self, model, batch: dict):
         import torch
@@ -108,15 +109,12 @@ class LogpsActor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from training.batch import collate_pairs, collate_shared
         from training.data.tokenize import tokenize_record
 
         records = [json.loads(str(r)) for r in batch["record"]]
         tokenized = [tokenize_record(r, self.tokenizer, max_length=self.settings.max_length,
                                      default_system=self.settings.system_prompt) for r in records]
-        collate = collate_shared if self.layout == "shared" else collate_pairs
-        pairs = collate({k: [t[k] for t in tokenized] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
-                        pad_id=self.tokenizer.pad_token_id)
+        pairs = self.collate({k: [t[k] for t in tokenized] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
         pairs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
         chosen, rejected, n_chosen, n_rejected = self._logps(self.model, pairs)
         out = {"index": list(batch["index"]), "logp_chosen": chosen, "logp_rejected": rejected,

@@ -1,6 +1,7 @@
 """Alignment study: LoRA DPO of SmolLM2-135M-Instruct on When2Call (or HH harmless), base vs tuned on held-out rows.
 
-    python benchmarks/alignment_study.py [--heldout FILE] [--json PATH] [--work DIR] [--judge] [key=value ...]
+    python benchmarks/alignment_study.py [--heldout FILE] [--json PATH] [--work DIR] [--judge] [--train-fit]
+                                         [key=value ...]
     python benchmarks/alignment_study.py --dataset hh [--prepare-only] [--json PATH] [--work DIR] [key=value ...]
 
 Runs the same commands a user runs, printing each one (WORK defaults to outputs/, where the recipes look):
@@ -11,6 +12,9 @@ Runs the same commands a user runs, printing each one (WORK defaults to outputs/
   3. raydpo eval recipes/when2call_eval_preference.yaml --model RUN --output RUN   (held-out pairs)
   4. raydpo eval recipes/when2call_eval_gen_qa.yaml --model RUN --output RUN       (held-out questions)
   5. raydpo eval recipes/when2call_eval_llm_judge.yaml --model RUN --output RUN    (only with --judge)
+     raydpo eval recipes/when2call_eval_preference.yaml run.data_s3_path=WORK/when2call-data/train/pairs.jsonl
+       --model RUN --output RUN/train-fit    (only with --train-fit: the training pairs, scored the same way, so that
+       a model that did not fit its data is told apart from one that fit it and did not generalise)
   6. raydpo report RUN                                    (RUN = WORK/when2call-lora-dpo; its report.html)
 then writes WORK/when2call_study.json (or --json PATH), WORK/when2call_study.md and WORK/plots/*.png, and prints the
 table: ranking accuracy (summed and per-token log-probabilities), F1, quasi F1, ROUGE-1/2/L, BLEU and the tool-call
@@ -111,6 +115,21 @@ def ranking_by_pair_kind(pairs: list[dict], rows: list[dict]) -> dict:
                                    > tuned["logp_rejected"] - tuned["ref_logp_rejected"])
     return {kind: {"pairs": c["pairs"], **{k: c[k] / c["pairs"] for k in ("base", "tuned", "tuned_reward")}}
             for kind, c in sorted(out.items())}
+
+
+def ranking_by_pair_group(by_kind: dict) -> dict:
+    """ranking_by_pair_kind folded into two groups, weighted by pairs: "against_direct" (the rejected answer is the
+    direct, made-up one: learnable from the answers' form alone) and "between_behaviours" (tool call, request for
+    information, cannot answer against each other: the question decides which is right)."""
+    out: dict = {}
+    for kind, r in by_kind.items():
+        group = "against_direct" if kind.endswith(">direct") else "between_behaviours"
+        sums = out.setdefault(group, {"pairs": 0, "base": 0.0, "tuned": 0.0, "tuned_reward": 0.0})
+        sums["pairs"] += r["pairs"]
+        for key in ("base", "tuned", "tuned_reward"):
+            sums[key] += r[key] * r["pairs"]
+    return {group: {"pairs": s["pairs"], **{k: s[k] / s["pairs"] for k in ("base", "tuned", "tuned_reward")}}
+            for group, s in sorted(out.items())}
 
 
 def study_metrics(preference: dict, gen_qa: dict, gen_rows: list[dict], *, tool_calls: bool = True) -> dict:
@@ -256,6 +275,8 @@ def plot(study: dict, run: Path, out: Path) -> list[str]:
     paths = [out / f"{name}_base_vs_tuned.png"]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
+    if "train_fit" in study:
+        paths.append(plot_fit(study, out / f"{name}_train_vs_heldout.png"))
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
     train = [r for r in metrics if r.get("split") == "train"]
     if train:
@@ -267,9 +288,39 @@ def plot(study: dict, run: Path, out: Path) -> list[str]:
             ax.set_title(title)
         fig.tight_layout()
         paths.append(out / f"{name}_training.png")
-        fig.savefig(paths[1], dpi=120)
+        fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return [str(p) for p in paths]
+
+
+def train_fit(pairs: list[dict], results_dir: Path) -> dict:
+    """The preference task on the training pairs: ranking accuracies and the same by-kind and by-group tables."""
+    results = read_json(results_dir / "results.json")
+    by_kind = ranking_by_pair_kind(pairs, read_jsonl(results_dir / "rows.jsonl"))
+    return {"pairs": results["models"]["base"]["n"],
+            **{label: results["models"][label]["metrics"] for label in ("base", "tuned")},
+            "ranking_by_pair_kind": by_kind, "ranking_by_pair_group": ranking_by_pair_group(by_kind)}
+
+
+def plot_fit(study: dict, path: Path) -> Path:
+    """Ranking accuracy (summed log-probs) by pair group, base vs tuned, on the training and the held-out pairs."""
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{split}\n{group.replace('_', ' ')}", r) for split, groups in
+            (("training", study["train_fit"]["ranking_by_pair_group"]), ("held out", study["ranking_by_pair_group"]))
+            for group, r in groups.items()]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for offset, label in ((-0.2, "base"), (0.2, "tuned")):
+        ax.bar([x + offset for x in range(len(bars))], [r[label] for _, r in bars], width=0.4, label=label)
+    ax.set_xticks(list(range(len(bars))), [name for name, _ in bars])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("ranking accuracy")
+    ax.set_title("When2Call ranking accuracy by pair group: training vs held-out pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def prepare_hh(source: Path, data: Path) -> dict:
@@ -305,12 +356,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reuse-eval", action="store_true",
                         help="keep the evaluations already in WORK's run (an interrupted study goes on)")
     parser.add_argument("--prepare-only", action="store_true", help="write the data and stop")
+    parser.add_argument("--train-fit", action="store_true",
+                        help="When2Call: also score the training pairs, to tell a model that did not fit its data "
+                        "from one that fit it and did not generalise (held-out vs training ranking by pair group)")
     parser.add_argument("--train-attempts", type=int, default=3, metavar="N",
                         help="run `raydpo train` up to N times; each rerun resumes from the last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed to `raydpo train`")
     args = parser.parse_args(argv)
-    if args.heldout and args.dataset != "when2call":
-        parser.error("--heldout takes When2Call rows; it works with --dataset when2call only")
+    if (args.heldout or args.train_fit) and args.dataset != "when2call":
+        parser.error("--heldout and --train-fit work with --dataset when2call only")
     return args
 
 
@@ -349,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         run_command(["eval", recipe, f"run.data_s3_path={data / held}", "--model", str(run), "--output", str(run)],
                     log)
+    fit = run / "train-fit" / "train-pairs" / "eval" / "preference"
+    if args.train_fit and not (args.reuse_eval and (fit / "results.json").is_file()):
+        run_command(["eval", spec["eval"]["preference"][0], f"run.data_s3_path={data / 'train' / 'pairs.jsonl'}",
+                     "run.name=train-pairs", "--model", str(run), "--output", str(run / "train-fit")], log)
     run_command(["report", str(run)], log)
 
     results = {task: read_json(run / "eval" / task / "results.json") for task in tasks}
@@ -371,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 for label in ("base", "tuned")}
         study["ranking_by_pair_kind"] = ranking_by_pair_kind(read_jsonl(data / spec["eval"]["preference"][1]),
                                                              read_jsonl(run / "eval" / "preference" / "rows.jsonl"))
+        study["ranking_by_pair_group"] = ranking_by_pair_group(study["ranking_by_pair_kind"])
+        if args.train_fit:
+            study["train_fit"] = train_fit(read_jsonl(data / "train" / "pairs.jsonl"), fit)
     else:
         del study["targets"]  # the issue's targets are When2Call's
     if "llm_judge" in results:
@@ -392,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         print("ranking accuracy by pair (chosen>rejected): base -> tuned (tuned's implicit reward)")
         for kind, r in study["ranking_by_pair_kind"].items():
             print(f"  {kind:32s} {r['pairs']:3d} pairs  {r['base']:.2f} -> {r['tuned']:.2f} ({r['tuned_reward']:.2f})")
+        for split, groups in (("held-out", study["ranking_by_pair_group"]),
+                              ("training", study.get("train_fit", {}).get("ranking_by_pair_group", {}))):
+            for group, r in groups.items():
+                print(f"  {split:8s} {group:23s} {r['pairs']:3d} pairs  {r['base']:.2f} -> {r['tuned']:.2f} "
+                      f"({r['tuned_reward']:.2f})")
     print(f"json: {json_path}\ntable: {table_path}\nplots: {', '.join(study['plots'])}\nrun report: "
           f"{run / 'report.html'}")
     return 0

@@ -110,3 +110,52 @@ def test_ranking_by_pair_kind_counts_base_tuned_and_implicit_reward():
     got = study.ranking_by_pair_kind(pairs, rows)
     assert got == {"cannot_answer>tool_call": {"pairs": 1, "base": 0.0, "tuned": 0.0, "tuned_reward": 1.0},
                    "tool_call>direct": {"pairs": 2, "base": 0.5, "tuned": 0.0, "tuned_reward": 0.5}}
+
+
+def test_pair_groups_weigh_each_kind_by_its_pairs():
+    by_kind = {"cannot_answer>direct": {"pairs": 2, "base": 0.5, "tuned": 1.0, "tuned_reward": 1.0},
+               "tool_call>direct": {"pairs": 6, "base": 1.0, "tuned": 0.5, "tuned_reward": 0.5},
+               "tool_call>request_for_info": {"pairs": 4, "base": 0.25, "tuned": 0.75, "tuned_reward": 0.0}}
+    got = study.ranking_by_pair_group(by_kind)
+    # against direct: base (2*0.5 + 6*1.0)/8 = 0.875, tuned (2*1.0 + 6*0.5)/8 = 0.625
+    assert got == {"against_direct": {"pairs": 8, "base": 0.875, "tuned": 0.625, "tuned_reward": 0.625},
+                   "between_behaviours": {"pairs": 4, "base": 0.25, "tuned": 0.75, "tuned_reward": 0.0}}
+
+
+def test_train_fit_reads_the_preference_task_on_the_training_pairs(tmp_path):
+    import json
+
+    pairs = [{"chosen_category": "tool_call", "rejected_category": "direct"},
+             {"chosen_category": "request_for_info", "rejected_category": "cannot_answer"}]
+    rows = [{"source": "train/pairs.jsonl:2", "base": {"logp_chosen": -3, "logp_rejected": -2},
+             "tuned": {"logp_chosen": -1, "logp_rejected": -2, "ref_logp_chosen": -3, "ref_logp_rejected": -2}},
+            {"source": "train/pairs.jsonl:1", "base": {"logp_chosen": -1, "logp_rejected": -2},
+             "tuned": {"logp_chosen": -1, "logp_rejected": -2, "ref_logp_chosen": -1, "ref_logp_rejected": -3}}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "results.json").write_text(json.dumps(results({"base": {"ranking_accuracy": 0.5},
+                                                                "tuned": {"ranking_accuracy": 1.0}})))
+    fit = study.train_fit(pairs, tmp_path)
+    assert fit["pairs"] == 3 and fit["base"] == {"ranking_accuracy": 0.5} and fit["tuned"]["ranking_accuracy"] == 1.0
+    # line 2 (request_for_info>cannot_answer): base wrong, tuned right, reward +2 vs 0 right
+    # line 1 (tool_call>direct): base right, tuned right, reward 0 vs +1 wrong
+    assert fit["ranking_by_pair_group"] == {
+        "against_direct": {"pairs": 1, "base": 1.0, "tuned": 1.0, "tuned_reward": 0.0},
+        "between_behaviours": {"pairs": 1, "base": 0.0, "tuned": 1.0, "tuned_reward": 1.0}}
+
+
+def test_train_fit_is_when2call_only():
+    with pytest.raises(SystemExit):
+        study.parse_args(["--dataset", "hh", "--train-fit"])
+    assert study.parse_args(["--train-fit", "--skip-train"]).train_fit
+
+
+def test_plot_fit_draws_training_and_held_out_groups(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    group = {"against_direct": {"pairs": 2, "base": 0.5, "tuned": 1.0, "tuned_reward": 1.0},
+             "between_behaviours": {"pairs": 4, "base": 0.5, "tuned": 0.75, "tuned_reward": 0.5}}
+    path = study.plot_fit({"train_fit": {"ranking_by_pair_group": group}, "ranking_by_pair_group": group},
+                          tmp_path / "fit.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,8 +13,9 @@ Runs the same commands a user runs, printing each one (WORK defaults to outputs/
   4. raydpo eval recipes/when2call_eval_gen_qa.yaml --model RUN --output RUN       (held-out questions)
   5. raydpo eval recipes/when2call_eval_llm_judge.yaml --model RUN --output RUN    (only with --judge)
      raydpo eval recipes/when2call_eval_preference.yaml run.data_s3_path=WORK/when2call-data/train/pairs.jsonl
-       --model RUN --output RUN/train-fit    (only with --train-fit: the training pairs, scored the same way, so that
-       a model that did not fit its data is told apart from one that fit it and did not generalise)
+       run.name=train-pairs --model RUN --output RUN/train-fit    (only with --train-fit: the training pairs,
+       scored the same way, so that a model that did not fit its data is told apart from one that fit it and did not
+       generalise; results in RUN/train-fit/train-pairs/eval/preference/)
   6. raydpo report RUN                                    (RUN = WORK/when2call-lora-dpo; its report.html)
 then writes WORK/when2call_study.json (or --json PATH), WORK/when2call_study.md and WORK/plots/*.png, and prints the
 table: ranking accuracy (summed and per-token log-probabilities), F1, quasi F1, ROUGE-1/2/L, BLEU and the tool-call

@@ -164,6 +164,12 @@ def batch_layout(packing: bool, share_prompt: bool, attention: str | None) -> st
     return "shared" if share_prompt and attention in SHARED_PROMPT_ATTENTION else "padded"
 
 
+def model_layout(config, *, packing: bool = False, share_prompt: bool) -> str:
+    """batch_layout for a loaded model: the one place that reads its attention (and sliding window) from its config,
+    for the training loop, the reference stage and the preference evaluation alike."""
+    return batch_layout(packing, share_prompt, mask_attention(config))
+
+
 def collate_for(layout: str, pad_id: int):
     """The collate function of a batch_layout result."""
     from functools import partial

@@ -18,7 +18,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training import ds_config
-from training.batch import batch_layout, collate_for, mask_attention
+from training.batch import collate_for, model_layout
 from training.data.pipeline import grouped_micro_batches
 from training.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
@@ -65,7 +65,7 @@ def train_loop(config: dict) -> None:
     resume_uri = ckpt.checkpoint_to_resume(plan, rank)
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
-    attention = mask_attention(policy.config)
+    layout = model_layout(policy.config, packing=plan["packing"], share_prompt=plan["share_prompt"])
     if plan["logps_head"]:
         add_logps_head(policy)  # before PEFT wraps it: the adapters' forward reaches the patched one
     if lora:
@@ -88,7 +88,7 @@ def train_loop(config: dict) -> None:
         reference, *_ = deepspeed.initialize(model=ref_model, config=ds_config.reference_config(engine_config))
         reference.eval()
 
-    collate = collate_for(batch_layout(plan["packing"], plan["share_prompt"], attention), tokenizer.pad_token_id)
+    collate = collate_for(layout, tokenizer.pad_token_id)
 
     def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
         return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}

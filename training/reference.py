@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from training import storage
-from training.batch import batch_layout, collate_for, mask_attention
+from training.batch import collate_for, model_layout
 from training.data.pipeline import TOKEN_COLUMNS, pair_width
 
 CACHE_DIR = "_reference_cache"
@@ -109,7 +109,7 @@ class ReferenceStage:
         self.pad_id = load_tokenizer(model_source).pad_token_id
         self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
         # as the training loop lays pairs out (training/batch.py batch_layout): the same sums, within float noise
-        self.layout = batch_layout(False, share_prompt, mask_attention(self.model.config))
+        self.layout = model_layout(self.model.config, share_prompt=share_prompt)
         self.collate = collate_for(self.layout, self.pad_id)
 
     def __call__(self, batch: dict) -> dict:

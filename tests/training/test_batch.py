@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.batch import (batch_layout, collate_packed, collate_pairs, collate_shared, mask_attention, packed_layout,
-                            shared_prompt_row)
+from training.batch import (batch_layout, collate_packed, collate_pairs, collate_shared, mask_attention, model_layout,
+                            packed_layout, shared_prompt_row)
 from training.forward import add_logps_head, sequence_logps_of
 
 PAIRS = {"prompt_ids": [[5, 6, 7], [8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[17], [18, 19]]}
@@ -119,9 +119,10 @@ def test_a_sliding_window_model_keeps_padded_rows():
 
     llama = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)
     llama._attn_implementation = "sdpa"
-    assert batch_layout(False, True, mask_attention(llama)) == "shared"
+    assert model_layout(llama, share_prompt=True) == "shared"
+    assert model_layout(llama, packing=True, share_prompt=True) == "packed"
     mistral = MistralConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
                             sliding_window=16)
     mistral._attn_implementation = "sdpa"
     assert mask_attention(mistral) == "sliding_window"
-    assert batch_layout(False, True, mask_attention(mistral)) == "padded"
+    assert model_layout(mistral, share_prompt=True) == "padded"

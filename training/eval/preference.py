@@ -77,7 +77,7 @@ class LogpsActor:
 
     def __init__(self, model_source: str, reference: str | None, settings: dict, device: str = "cpu",
                  threads: int | None = None):
-        from training.batch import batch_layout, collate_for, mask_attention
+        from training.batch import collate_for, model_layout
         from training.ds_config import use_threads
         from training.eval.generate import load_for_inference
         from training.forward import add_logps_head
@@ -93,8 +93,7 @@ class LogpsActor:
         for model in filter(None, (self.model, self.reference_model)):
             # the training forward: answer positions only, the prompt once per pair (training/forward.py, batch.py)
             add_logps_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self.layout = batch_layout(False, True, mask_attention(self.model.config))
-        self.collate = collate_for(self.layout, self.tokenizer.pad_token_id)
+        self.collate = collate_for(model_layout(self.model.config, share_prompt=True), self.tokenizer.pad_token_id)
 
     def _logps(self, model, batch: dict):
         import torch

@@ -22,6 +22,8 @@ COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
 COPY --chown=ray:users launcher ./launcher
 COPY --chown=ray:users training ./training
 COPY --chown=ray:users cluster ./cluster
+COPY --chown=ray:users core ./core
+COPY --chown=ray:users evaluation ./evaluation
 COPY --chown=ray:users recipes ./recipes
 
 # Same order as `make setup`: torch pinned first (so nothing pulls another build over it), DeepSpeed without build

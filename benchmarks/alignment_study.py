@@ -85,7 +85,7 @@ def relative_change(base: float | None, tuned: float | None) -> float | None:
 
 
 def tool_call_rate(predictions: list[str]) -> float:
-    from training.data.when2call import is_tool_call
+    from core.data.when2call import is_tool_call
 
     return sum(is_tool_call(p) for p in predictions) / len(predictions) if predictions else 0.0
 
@@ -326,7 +326,7 @@ def plot_fit(study: dict, path: Path) -> Path:
 
 def prepare_hh(source: Path, data: Path) -> dict:
     """HH rows as they are, split by line number into data/train/pairs.jsonl and data/heldout/pairs.jsonl."""
-    from training.data.formats import iter_raw_rows
+    from core.data.formats import iter_raw_rows
 
     splits = {"train": [], "heldout": []}
     for text, where in iter_raw_rows(str(source)):

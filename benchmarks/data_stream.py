@@ -175,8 +175,8 @@ def start_ray(tries: int = 3) -> None:
 def stream(files: list[str], rows: int, store_budget_mb: float) -> dict:
     import ray
 
-    from training.data.formats import parse_batch
-    from training.data.source import read_raw_rows
+    from core.data.formats import parse_batch
+    from core.data.source import read_raw_rows
 
     @ray.remote(num_cpus=0)
     class Consumer:

@@ -60,7 +60,7 @@ def shared_dir() -> Path:
 
 def hh_pairs(count: int) -> list[tuple[str, dict]]:
     """The first `count` HH harmless rows that parse: (raw line, canonical record)."""
-    from training.data.formats import iter_raw_rows, parse_line
+    from core.data.formats import iter_raw_rows, parse_line
 
     path = shared_dir() / HH
     if not path.exists():
@@ -90,7 +90,7 @@ def write_if_changed(path: Path, text: str) -> None:
 
 
 def prepare(work: Path, quick: bool, steps: int, batch: int) -> dict:
-    from training.models import resolve_model_source
+    from core.models import resolve_model_source
 
     if quick:
         from tests.tiny import build_tiny_model_dir
@@ -184,7 +184,7 @@ def raydpo_recipe(setup: dict, name: str, lora: bool, reference: str, beta: floa
 # dominates a 30-layer model at 512 tokens, is a quarter of a 4-pair forward's; gradient checkpointing then keeps
 # one layer's activations instead of 30 (on this machine it took a LoRA step from 12 s to 16 s and the worker's peak
 # RSS from 3.6 GB to 1.7 GB). All sides run on one worker, hence without ZeRO partitioning (ds_config.zero_stage).
-# The optimised sides also compute each pair's prompt once for both answers (training/batch.py collate_shared); the
+# The optimised sides also compute each pair's prompt once for both answers (core/batch.py collate_shared); the
 # plain side lays pairs out as TRL does, two padded rows per pair.
 SIDE_RECIPES = {
     "raydpo": ("bench-plain", True, "adapter_disabled", 0.1, 4, False,

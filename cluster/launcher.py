@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import yaml
 
-from training.errors import ClusterError, ConfigError
+from core.errors import ClusterError, ConfigError
 
 TOKEN_MOUNT = "~/.ray/auth_token"
 PROGRESS = re.compile(r"^step \d+/\d+ \|")  # the line `raydpo train` prints at each logged step

@@ -12,7 +12,7 @@ Both strategies are soft in Ray: a cluster with fewer nodes than replicas still 
 """
 from __future__ import annotations
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 STRATEGIES = ("PACK", "SPREAD")
 

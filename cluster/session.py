@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from training.errors import ClusterError
+from core.errors import ClusterError
 
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint
 PROBE_TIMEOUT_S = 3.0

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from training.errors import RaydpoError
+from core.errors import RaydpoError
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from training.errors import RaydpoError
+from core.errors import RaydpoError
 
 TAIL_LINES = 40
 

@@ -34,7 +34,7 @@ import yaml
 
 from launcher.overrides import apply_overrides, load_yaml_text
 from launcher.recipe_schema import K8S_NAME, Rule, int_range, interval, one_of
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 TASKS = ("gen_qa", "preference", "llm_judge")
 STRATEGIES = {"gen_qa": "gen_qa", "preference": "logprob", "llm_judge": "judge"}
@@ -59,7 +59,7 @@ class Judge:
     endpoint: str | None = None         # or an OpenAI-compatible server: http://host:port (/v1/chat/completions)
     endpoint_model: str | None = None   # the request's "model" field
     api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the bearer token, if set
-    prompt_file: str | None = None      # null: training/eval/judge_prompt.txt; needs {question} {answer_a} {answer_b}
+    prompt_file: str | None = None      # null: evaluation/judge_prompt.txt; needs {question} {answer_a} {answer_b}
     compare: str = "reference"          # reference: each model vs the reference; base: each tuned model vs the base
     max_new_tokens: int = 16
     max_retries: int = 3                # endpoint retries after the first try, with exponential backoff
@@ -127,11 +127,11 @@ RULES: dict[str, Rule] = {
 
 def task_metrics(task: str) -> tuple[str, ...]:
     if task == "gen_qa":
-        from training.eval.gen_qa import METRICS
+        from evaluation.gen_qa import METRICS
     elif task == "preference":
-        from training.eval.preference import METRICS
+        from evaluation.preference import METRICS
     else:
-        from training.eval.llm_judge import METRICS
+        from evaluation.llm_judge import METRICS
     return METRICS
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 Problem = tuple[str, str]
 

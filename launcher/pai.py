@@ -11,7 +11,7 @@ import difflib
 from typing import Any, NamedTuple
 
 from launcher.overrides import Problem, parse_value, show
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 # PAI key -> the Nova path it sets unchanged.
 DIRECT = {

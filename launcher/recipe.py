@@ -40,7 +40,7 @@ from launcher.recipe_schema import (
     TrainingConfig,
     section_keys,
 )
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "Recipe", "Run", "TrainingConfig", "Trainer", "Data", "Checkpoint", "ModelCfg", "Optim", "Sched", "DpoCfg",

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 OptionAdder = Callable[[argparse.ArgumentParser], None]
 

@@ -32,8 +32,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from training import storage
-from training.errors import ConfigError, StorageError
+from core import storage
+from core.errors import ConfigError, StorageError
 
 TAG = "state"
 STATE_FILE = "raydpo_state.json"

@@ -16,10 +16,10 @@ from typing import Callable
 import yaml
 
 from training import checkpoint as ckpt
-from training import storage, tracking
-from training.data import pipeline
-from training.errors import DataError, RaydpoError
-from training.manifest import write_manifest
+from core import storage, tracking
+from core.data import pipeline
+from core.errors import DataError, RaydpoError
+from core.manifest import write_manifest
 from training.trainer import (RAY_TRAIN_DIR, ProgressCallback, build_trainer, format_progress, format_validation,
                               plan_run, run_uri)
 
@@ -184,9 +184,9 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
 def probe_pairs(files: list[str], recipe: dict, fraction: float) -> dict:
     """The first few training pairs, tokenised here: the workers report their final log-probabilities on them so
     that a reloaded model can be checked against the trained one."""
-    from training.data.formats import iter_raw_rows, parse_line
-    from training.data.tokenize import tokenize_record
-    from training.models import load_tokenizer
+    from core.data.formats import iter_raw_rows, parse_line
+    from core.data.tokenize import tokenize_record
+    from core.models import load_tokenizer
 
     tc = recipe["training_config"]
     data_cfg = tc["data"]
@@ -206,7 +206,7 @@ def probe_pairs(files: list[str], recipe: dict, fraction: float) -> dict:
 
 
 def write_report_quietly(run_uri: str, say) -> None:
-    from training.eval.report import write_report
+    from evaluation.report import write_report
 
     try:
         md, html = write_report(run_uri)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -79,7 +79,7 @@ def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
-    from training.models import load_causal_lm, resolve_model_source
+    from core.models import load_causal_lm, resolve_model_source
 
     # the base's own dtype ("auto"): peft merges half-precision CPU weights in fp32 and rounds once
     base = load_causal_lm(base_source, dtype="auto")
@@ -92,7 +92,7 @@ def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
 
 
 def _check_target(to: str, overwrite: bool, output: str) -> None:
-    from training import storage
+    from core import storage
 
     if storage.is_remote(to):
         taken = storage.exists(to)
@@ -110,7 +110,7 @@ def _check_target(to: str, overwrite: bool, output: str) -> None:
 
 def _fetch_remote(output: str, local: Path) -> Path:
     """Downloads a remote run's model/ (or a remote model folder) and its recipe.yaml; returns the local output."""
-    from training import storage
+    from core import storage
 
     base = output.rstrip("/")
     if storage.exists(f"{base}/model"):
@@ -129,7 +129,7 @@ def _fetch_remote(output: str, local: Path) -> Path:
 def export_model(output: str, to: str, *, merge: bool, overwrite: bool = False,
                  say: Callable[[str], None] = print) -> ExportResult:
     """Writes OUTPUT's model to `to` (a local folder or s3:// URI); merges a LoRA adapter when merge is set."""
-    from training import storage
+    from core import storage
 
     remote = storage.is_remote(output)
     if not remote:

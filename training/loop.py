@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from training import checkpoint as ckpt
+from core import devices
 from training import ds_config
-from training.batch import collate_for, model_layout
-from training.data.pipeline import grouped_micro_batches
-from training.forward import add_logps_head, sequence_logps_of
+from core.batch import collate_for, model_layout
+from core.data.pipeline import grouped_micro_batches
+from core.forward import add_logps_head, sequence_logps_of
 from training.losses import dpo_loss, rpo_term
-from training.models import dropout_overrides, load_config, load_tokenizer, lora_config, resolve_model_source
+from core.models import dropout_overrides, load_config, load_tokenizer, lora_config, resolve_model_source
 
 # Sums that are all-reduced across workers each step; metrics are ratios of these.
 SUMS = ("loss", "chosen_rewards", "rejected_rewards", "correct", "pairs", "chosen_logps", "rejected_logps",
@@ -45,12 +46,12 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", context.get_local_rank()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
-    torch.set_num_threads(ds_config.cpu_threads(len(os.sched_getaffinity(0)), context.get_local_world_size(),
+    torch.set_num_threads(devices.cpu_threads(len(os.sched_getaffinity(0)), context.get_local_world_size(),
                                                  plan.get("omp_num_threads")))
     seed_everything(tc["seed"] + rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
 
-    precision = ds_config.precision_for(tc["precision"], on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    precision = devices.precision_for(tc["precision"], on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model_source = resolve_model_source(recipe["run"]["model_name_or_path"])
     tokenizer = load_tokenizer(model_source)
@@ -94,7 +95,7 @@ def train_loop(config: dict) -> None:
         return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
 
     def batches(split: str, epoch: int):
-        if plan["length_grouping"]:  # micro-batches of similar-width pairs (training/data/pipeline.py)
+        if plan["length_grouping"]:  # micro-batches of similar-width pairs (core/data/pipeline.py)
             return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan["micro_batch"],
                                          buffer_size=plan["group_buffer"], collate=collate_with_sources,
                                          seed=tc["seed"] + epoch if split == "train" and plan["shuffle_buffer"]
@@ -307,7 +308,7 @@ def step_metrics(sums: dict, elapsed: float) -> dict:
 
 def save_final_model(engine, tokenizer, model_uri: str, rank: int, lora: bool) -> None:
     """Gathers the 16-bit weights (a collective: every rank calls it); rank 0 writes safetensors and uploads."""
-    from training import storage
+    from core import storage
 
     partitioned = engine.zero_optimization_partition_weights()
     state_dict = engine._zero3_consolidated_16bit_state_dict() if partitioned else engine.module.state_dict()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 
 def _sigmoid(delta: torch.Tensor, beta: float, eps: float) -> torch.Tensor:

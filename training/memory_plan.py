@@ -142,7 +142,7 @@ def lora_params(config, lora: dict) -> int:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from training.models import lora_config
+    from core.models import lora_config
 
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(lora))

@@ -19,9 +19,9 @@ import time
 import uuid
 from pathlib import Path
 
-from training import storage
-from training.batch import collate_for, model_layout
-from training.data.pipeline import TOKEN_COLUMNS, pair_width
+from core import storage
+from core.batch import collate_for, model_layout
+from core.data.pipeline import TOKEN_COLUMNS, pair_width
 
 CACHE_DIR = "_reference_cache"
 STAGE_VERSION = 1  # bump when the stage's output changes meaning: old caches are then never read
@@ -52,7 +52,7 @@ def token_settings(recipe: dict, precision: str) -> dict:
 
 def model_fingerprint(source: str) -> object:
     """A local model folder by its files' names, sizes and times; anything else (a hub id) by its name."""
-    from training.models import resolve_model_source
+    from core.models import resolve_model_source
 
     folder = Path(resolve_model_source(source))
     if not folder.is_dir():
@@ -93,22 +93,22 @@ class ReferenceStage:
                  share_prompt: bool = True):
         import torch
 
-        from training import ds_config
-        from training.ds_config import use_threads
-        from training.forward import add_logps_head
+        from core import devices
+        from core.devices import use_threads
+        from core.forward import add_logps_head
 
         use_threads(threads)
-        from training.models import load_causal_lm, load_tokenizer
+        from core.models import load_causal_lm, load_tokenizer
 
         on_gpu = torch.cuda.is_available()
-        precision = ds_config.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+        precision = devices.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
         self.device = torch.device("cuda" if on_gpu else "cpu")
         self.model = load_causal_lm(model_source, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         self.model.to(self.device).eval()
         add_logps_head(self.model)
         self.pad_id = load_tokenizer(model_source).pad_token_id
         self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
-        # as the training loop lays pairs out (training/batch.py batch_layout): the same sums, within float noise
+        # as the training loop lays pairs out (core/batch.py batch_layout): the same sums, within float noise
         self.layout = model_layout(self.model.config, share_prompt=share_prompt)
         self.collate = collate_for(self.layout, self.pad_id)
 
@@ -116,7 +116,7 @@ class ReferenceStage:
         import numpy as np
         import torch
 
-        from training.forward import sequence_logps_of
+        from core.forward import sequence_logps_of
 
         rows = [dict(zip(TOKEN_COLUMNS, values)) for values in zip(*(batch[c] for c in TOKEN_COLUMNS))]
         chosen = np.zeros(len(rows), dtype=np.float32)
@@ -143,7 +143,7 @@ def read_marker(uri: str) -> dict | None:
 
 def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
                   actors: int, on_gpu: bool, share_prompt: bool = True):
-    from training.ds_config import cpu_threads
+    from core.devices import cpu_threads
 
     fs, path = storage.pyarrow_filesystem_for(target_uri)
     # before training every core is spare: CPU actors share the node's cores (Ray would give each one thread)
@@ -166,9 +166,9 @@ def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gp
                          chunk_size: int, say, share_prompt: bool = True) -> tuple[dict, dict]:
     """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
     {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}."""
-    from training import ds_config
+    from core import devices
 
-    precision = ds_config.precision_for(recipe["training_config"]["precision"], on_gpu)
+    precision = devices.precision_for(recipe["training_config"]["precision"], on_gpu)
     model_source = recipe["run"]["model_name_or_path"]
     key = cache_key(model_fingerprint(model_source), key_parts, token_settings(recipe, precision))
     root = cache_root_uri(recipe) + "/" + key

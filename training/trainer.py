@@ -53,7 +53,7 @@ def plan_run(recipe: dict, *, train_pairs: int, validation_pairs: int, on_gpu: b
         "group_buffer": tc["data"]["shuffle_buffer"],
         # padding-free rows; pays off only with variable-length attention kernels (FlashAttention), so off here
         "packing": False,
-        # one row per pair, the prompt computed once for both answers (training/batch.py collate_shared)
+        # one row per pair, the prompt computed once for both answers (core/batch.py collate_shared)
         "share_prompt": True,
         "logps_head": True,  # per-token log-probs of response positions only, never the [B, T, V] logits
         "logprob_chunk": 1024,

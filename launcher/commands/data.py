@@ -15,9 +15,9 @@ import argparse
 import json
 from collections import Counter
 
-from training.data.formats import (PAIR_FORMATS, WRITERS, ScanReport, data_files, parsed_rows, scan,
+from core.data.formats import (PAIR_FORMATS, WRITERS, ScanReport, data_files, parsed_rows, scan,
                                    unwritable_reason, write_records)
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 SHOWN_BAD_ROWS = 50
 
@@ -100,7 +100,7 @@ def report_lines(report: ScanReport) -> list[str]:
 
 
 def _tokenizer(model: str):
-    from training.models import load_tokenizer
+    from core.models import load_tokenizer
 
     try:
         return load_tokenizer(model)
@@ -141,7 +141,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def when2call(args: argparse.Namespace) -> int:
-    from training.data.when2call import convert_files
+    from core.data.when2call import convert_files
 
     if not 0 <= args.heldout_fraction < 1:
         raise ConfigError(f"--heldout-fraction must be in [0, 1), not {args.heldout_fraction}",

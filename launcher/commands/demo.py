@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.commands.train import train
     from launcher.recipe import load_recipe, recipe_to_dict
-    from training.data.synthetic import answer_format_pairs
+    from core.data.synthetic import answer_format_pairs
 
     out = Path(args.out).resolve()
     data = out / "data"
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_demo(recipe: dict, tuned: str, heldout: Path, out: Path) -> dict:
     from cluster.session import ray_session
     from launcher.console import user_console
-    from training.data.synthetic import shows_preferred_format
-    from training.eval.generate import GenerationSettings, generate_answers
-    from training.eval.preference import ADAPTER_DISABLED, PreferenceSettings, evaluate, read_pairs
+    from core.data.synthetic import shows_preferred_format
+    from evaluation.generate import GenerationSettings, generate_answers
+    from evaluation.preference import ADAPTER_DISABLED, PreferenceSettings, evaluate, read_pairs
 
     records, _ = read_pairs(str(heldout))
     base = recipe["run"]["model_name_or_path"]

@@ -34,7 +34,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 EXAMPLES = 5
 SHOWN_SKIPPED = 100
@@ -99,7 +99,7 @@ def build_results(task: str, name: str, recipe: dict | None, labels: list[str], 
 
 
 def is_run_folder(uri: str) -> bool:
-    from training import storage
+    from core import storage
 
     return storage.exists(join(uri, "manifest.json")) or storage.exists(join(uri, "recipe.yaml"))
 
@@ -110,7 +110,7 @@ def eval_output_dir(output: str, name: str) -> str:
 
 def write_results(out_dir: str, results: dict, rows: list[dict], *, per_task_copy: bool = True) -> None:
     """results.json and rows.jsonl in out_dir (and in out_dir/<task>/, which the next task does not overwrite)."""
-    from training import storage
+    from core import storage
 
     body = json.dumps(results, indent=2, ensure_ascii=False).encode()
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
@@ -121,7 +121,7 @@ def write_results(out_dir: str, results: dict, rows: list[dict], *, per_task_cop
 
 def resolve_model(source: str) -> tuple[str, Path | None]:
     """(the model to load, the training run folder it came from or None); a missing model is a ConfigError."""
-    from training.models import load_config, resolve_model_source
+    from core.models import load_config, resolve_model_source
 
     path = Path(source).expanduser()
     if not source.startswith("s3://") and path.is_dir():
@@ -192,7 +192,7 @@ def eval_log_file(out_dir: str) -> Path:
     """Where Ray's output goes: beside the results when they are local, else under the temp folder."""
     import tempfile
 
-    from training import storage
+    from core import storage
 
     if storage.is_remote(out_dir):
         return Path(tempfile.gettempdir()) / "raydpo" / out_dir.removeprefix("s3://").replace("/", "_") / "eval.log"
@@ -221,8 +221,8 @@ def _cluster(recipe, say) -> tuple[int, bool]:
 def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
     """A tuned model's reference: its base with the adapter off (LoRA), the model its run trained from, or the
     recipe's base model. None for the base itself (and for a lone model with nothing to compare against)."""
-    from training import storage
-    from training.eval.preference import ADAPTER_DISABLED
+    from core import storage
+    from evaluation.preference import ADAPTER_DISABLED
 
     if is_base:
         return None
@@ -238,8 +238,8 @@ def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
 def reference_scored_as(model: dict, earlier: list[dict]) -> str | None:
     """The label of a model scored before `model` whose weights are `model`'s reference (a LoRA adapter's base, the
     model a full run trained from): its log-probabilities are reused instead of a second forward pass per pair."""
-    from training import storage
-    from training.eval.preference import ADAPTER_DISABLED
+    from core import storage
+    from evaluation.preference import ADAPTER_DISABLED
 
     reference = model.get("reference")
     if reference == ADAPTER_DISABLED:
@@ -247,7 +247,7 @@ def reference_scored_as(model: dict, earlier: list[dict]) -> str | None:
         reference = config.get("base_model_name_or_path")
     if not reference:
         return None
-    from training.models import resolved_location
+    from core.models import resolved_location
 
     weights = resolved_location(str(reference))
     return next((m["label"] for m in earlier if resolved_location(str(m["path"])) == weights), None)
@@ -265,9 +265,9 @@ def read_data(recipe) -> tuple[list[dict], dict]:
     ev = recipe.evaluation
     path = recipe.run.data_s3_path
     if ev.task == "preference":
-        from training.eval.preference import read_pairs as read
+        from evaluation.preference import read_pairs as read
     else:
-        from training.eval.gen_qa import read_qa_rows as read
+        from evaluation.gen_qa import read_qa_rows as read
     rows, bad = read(path, fmt=ev.format, key_map=dict(ev.key_map), max_rows=ev.max_rows)
     return rows, _check_rows(rows, bad, path, ev.on_error, ev.task)
 
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
               for label, source, (path, run_dir) in zip(labels, sources, resolve_models(sources))]
     judge = ev.judge
     if task == "llm_judge":
-        from training.eval.llm_judge import load_judge_prompt
+        from evaluation.llm_judge import load_judge_prompt
 
         load_judge_prompt(judge.prompt_file)
         if judge.model:
@@ -328,7 +328,7 @@ def _selected(entries: dict, wanted: tuple[str, ...]) -> dict:
 
 
 def _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial):
-    from training.eval.generate import GenerationSettings
+    from evaluation.generate import GenerationSettings
 
     inf, ev = recipe.inference, recipe.evaluation
     generation = GenerationSettings(max_new_tokens=inf.max_new_tokens, temperature=inf.temperature, top_p=inf.top_p,
@@ -336,17 +336,17 @@ def _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial)
     if ev.system_prompt:
         rows = [{**r, "system": r.get("system") or ev.system_prompt} for r in rows]
     if task == "gen_qa":
-        from training.eval import gen_qa
+        from evaluation import gen_qa
 
         return gen_qa.evaluate(rows, models, generation, use_stemmer=ev.rouge_stemmer, workers=workers,
                                use_gpu=use_gpu)
     if task == "preference":
-        from training.eval import preference
+        from evaluation import preference
 
         settings = preference.PreferenceSettings(max_length=ev.max_length, system_prompt=ev.system_prompt,
                                                  batch_size=inf.batch_size)
         return preference.evaluate(rows, models, settings, workers=workers, use_gpu=use_gpu)
-    from training.eval import llm_judge
+    from evaluation import llm_judge
 
     return llm_judge.evaluate(rows, models, judge, generation, workers=workers, use_gpu=use_gpu,
                               on_partial=keep_partial)

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from launcher.recipe_args import add_recipe_arguments, load_from_args
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 DEFAULT_IMAGE = "raydpo:0.1.0-gpu"  # what the Dockerfile builds by default; push it where your cluster pulls from
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "k8s-schemas" / "kuberay-v1.7.0"

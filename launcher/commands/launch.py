@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from launcher.recipe_args import add_recipe_arguments, load_from_args
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 SUMMARY_KEYS = ("steps", "planned_steps", "wall_s", "final_train", "run_uri")
 
@@ -92,7 +92,7 @@ def read_summary(local: Path | None, uri: str | None) -> dict | None:
     try:
         if local is not None:
             return json.loads(local.read_text()) if local.is_file() else None
-        from training import storage
+        from core import storage
         return json.loads(storage.read_bytes(uri))
     except Exception:  # noqa: BLE001 - a missing summary is reported, not fatal: the job already succeeded
         return None

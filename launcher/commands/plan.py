@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from launcher.recipe import recipe_to_dict
-    from training.errors import ConfigError
+    from core.errors import ConfigError
 
     recipe_obj, args = load_from_args(args)
     problems = [f"--{name.replace('_', '-')} must be a positive number" for name in ("gpus_per_node", "gpu_memory_gb")
@@ -38,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def shapes(recipe: dict, gpus_per_node: int):
+    from core import devices
     from training import ds_config
     from training.memory_plan import RunShape, lora_params, model_shape
-    from training.models import load_config
+    from core.models import load_config
     from training.trainer import plan_run
 
     tc = recipe["training_config"]
@@ -50,7 +51,7 @@ def shapes(recipe: dict, gpus_per_node: int):
     # the same batch split and reference choice as the run would make (the pair counts do not matter here)
     plan = plan_run(recipe, train_pairs=tc["global_batch_size"], validation_pairs=0, on_gpu=True,
                     gpus_per_node=gpus_per_node)
-    precision = ds_config.precision_for(tc["precision"], on_gpu=True)
+    precision = devices.precision_for(tc["precision"], on_gpu=True)
     run_shape = RunShape(gpus_per_node=gpus_per_node, nodes=recipe["run"]["replicas"],
                          micro_batch_pairs=plan["micro_batch"], max_length=tc["max_length"],
                          dtype_bytes=2 if precision == "bf16" else 4,

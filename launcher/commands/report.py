@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from training.eval.report import write_report
+    from evaluation.report import write_report
 
     md, html = write_report(args.output)
     print(f"wrote {md}\nwrote {html}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from training.errors import DataError
+from core.errors import DataError
 
 SHOWN_BAD_ROWS = 20
 
@@ -40,8 +40,8 @@ def prediction_field(obj, key: str) -> tuple[object, str | None]:
 
 def read_predictions(path: str) -> list[dict]:
     """[{"prediction", "reference", "prompt", "source"}]; every bad row is listed (file:line) in one DataError."""
-    from training import storage
-    from training.data.formats import iter_raw_rows
+    from core import storage
+    from core.data.formats import iter_raw_rows
 
     rows, bad = [], []
     fs = storage.filesystem_for(path)[0] if storage.is_remote(path) else None
@@ -72,7 +72,7 @@ def read_predictions(path: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from launcher.commands.eval import build_results, model_labels, print_summary, write_results
-    from training.eval import gen_qa
+    from evaluation import gen_qa
 
     files = [read_predictions(path) for path in args.predictions]
     if any(len(f) != len(files[0]) or [r["reference"] for r in f] != [r["reference"] for r in files[0]]

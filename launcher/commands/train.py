@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.recipe_args import add_recipe_arguments, load_from_args
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 # Logical CPUs a local cluster gets beyond one per worker, for the Ray Data stages that feed them.
 DATA_CPUS = 2
@@ -76,7 +76,7 @@ def check_model_knobs(recipe: dict) -> None:
     """Model-dependent recipe errors, found before any Ray work: dropouts the model lacks, 4/8-bit on CPU."""
     import torch
 
-    from training.models import dropout_overrides, load_config
+    from core.models import dropout_overrides, load_config
 
     model = recipe["training_config"]["model"]
     dropout_overrides(load_config(recipe["run"]["model_name_or_path"]),
@@ -88,7 +88,7 @@ def check_model_knobs(recipe: dict) -> None:
 
 
 def local_log_file(recipe: dict) -> Path:
-    from training import storage
+    from core import storage
 
     output = recipe["run"]["output_s3_path"]
     if storage.is_remote(output):

@@ -74,7 +74,7 @@ def test_ray_job_submit_without_the_token_is_refused(head):
 def test_ray_job_submit_raydpo_train_runs_the_recipe_on_the_cluster(head, tmp_path):
     """The README's command: `ray job submit --address URL --working-dir . -- raydpo train RECIPE --replicas 2`."""
     from tests.tiny import build_tiny_model_dir
-    from training.data.synthetic import answer_format_pairs
+    from core.data.synthetic import answer_format_pairs
 
     model_dir = build_tiny_model_dir(tmp_path / "model")
     (tmp_path / "data").mkdir()

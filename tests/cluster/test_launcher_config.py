@@ -9,7 +9,7 @@ import yaml
 
 from cluster.launcher import (check_cluster_config, config_problems, dashboard_port, ensure_local_token,
                               is_progress_line, load_cluster_yaml, ray_schema_problems, tail, with_replicas)
-from training.errors import ClusterError, ConfigError
+from core.errors import ClusterError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.placement import placement_for
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 
 @pytest.mark.parametrize("replicas, gpus_per_node, nodes, expected", [

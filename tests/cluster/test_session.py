@@ -10,7 +10,7 @@ import pytest
 
 from cluster.session import check_resources, cluster_address_from_env, probe, ray_session, split_host_port
 from tests.cluster.headnode import free_ports, port_open, start_head, stop_head
-from training.errors import ClusterError
+from core.errors import ClusterError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

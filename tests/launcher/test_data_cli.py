@@ -5,7 +5,7 @@ import gzip
 import json
 
 from launcher.cli import main
-from tests.training.data.test_formats import build_word_tokenizer, write_jsonl
+from tests.core.data.test_formats import build_word_tokenizer, write_jsonl
 
 GOOD = {"prompt": "one two", "chosen": "yes", "rejected": "no no no"}
 HH = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}

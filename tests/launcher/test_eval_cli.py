@@ -10,8 +10,8 @@ import yaml
 from launcher import cli
 from launcher.commands import eval as ev
 from launcher.eval_recipe import build_eval_recipe, load_eval_recipe
-from training.errors import ConfigError
-from training.eval import gen_qa
+from core.errors import ConfigError
+from evaluation import gen_qa
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_relative_change_by_hand():
 
 
 def test_a_reference_already_scored_is_found_by_its_weights(tmp_path, monkeypatch):
-    from training.eval.preference import ADAPTER_DISABLED
+    from evaluation.preference import ADAPTER_DISABLED
 
     (tmp_path / "base").mkdir()
     (tmp_path / "adapter").mkdir()
@@ -51,8 +51,8 @@ def test_a_reference_already_scored_is_found_by_its_weights(tmp_path, monkeypatc
 
 
 def test_an_adapter_on_the_offline_smollm2_finds_the_base_named_by_its_alias(tmp_path):
-    from training.eval.preference import ADAPTER_DISABLED
-    from training.models import OFFLINE_SMOLLM2, resolved_location
+    from evaluation.preference import ADAPTER_DISABLED
+    from core.models import OFFLINE_SMOLLM2, resolved_location
 
     try:
         converted = resolved_location(OFFLINE_SMOLLM2)  # where training loaded it from: the adapter names that
@@ -253,7 +253,7 @@ def run_folder(tiny_model_dir, tmp_path_factory):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from training.models import load_causal_lm, load_tokenizer
+    from core.models import load_causal_lm, load_tokenizer
 
     run = tmp_path_factory.mktemp("my-dpo-run")
     torch.manual_seed(3)
@@ -329,7 +329,7 @@ def test_preference_end_to_end(ray_session, tmp_path, tiny_model_dir, run_folder
     # The base is the tuned model's reference: the adapter-disabled log-probs are the base's.
     for r in rows:
         assert r["tuned"]["ref_logp_chosen"] == pytest.approx(r["base"]["logp_chosen"], rel=1e-5)
-    from training.eval.preference import preference_metrics
+    from evaluation.preference import preference_metrics
 
     assert tuned["metrics"] == pytest.approx(preference_metrics([r["tuned"] for r in rows], 0.2))
 

@@ -11,7 +11,7 @@ import yaml
 
 import cluster.launcher
 from launcher.cli import main
-from training.errors import ClusterError
+from core.errors import ClusterError
 
 ROOT = Path(__file__).resolve().parents[2]
 

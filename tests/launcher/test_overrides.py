@@ -14,7 +14,7 @@ from launcher.overrides import (
     set_path,
 )
 from launcher.recipe import load_recipe
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 
 def minimal() -> dict:

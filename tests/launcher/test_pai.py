@@ -8,7 +8,7 @@ import yaml
 
 from launcher.pai import global_batch_size, is_pai, translate_pai
 from launcher.recipe import load_recipe, load_recipe_with_explanation
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

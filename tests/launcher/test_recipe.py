@@ -16,7 +16,7 @@ from launcher.recipe import (
     load_recipe,
     recipe_to_dict,
 )
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "recipes" / "reference.yaml"

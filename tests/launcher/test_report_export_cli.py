@@ -9,8 +9,8 @@ import pytest
 
 from launcher.cli import main
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
-from tests.training.eval.test_report import make_run
-from training import storage
+from tests.evaluation.test_report import make_run
+from core import storage
 
 ROOT = Path(__file__).resolve().parents[2]
 

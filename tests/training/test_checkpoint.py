@@ -13,8 +13,8 @@ import yaml
 
 from tests.s3server import s3_server  # noqa: F401
 from training import checkpoint as ckpt
-from training import storage
-from training.errors import ConfigError, StorageError
+from core import storage
+from core.errors import ConfigError, StorageError
 
 PLAN = {"workers": 2, "zero_stage": 3, "micro_batch": 4, "accum": 1, "micro_steps_per_epoch": 6, "total_steps": 6, "train_pairs": 50,
         "shuffle_buffer": 1000, "run_uri": "unused"}

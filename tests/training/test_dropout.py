@@ -2,8 +2,8 @@
 import pytest
 from transformers import GPT2Config, LlamaConfig
 
-from training.errors import ConfigError
-from training.models import dropout_overrides
+from core.errors import ConfigError
+from core.models import dropout_overrides
 
 
 def test_llama_has_attention_dropout_only():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from core import devices
 from training import ds_config
 
 
@@ -44,10 +45,10 @@ def test_schedule_warmup_constant_then_cosine():
 
 
 def test_precision_follows_the_device():
-    assert ds_config.precision_for("auto", on_gpu=False) == "fp32"
-    assert ds_config.precision_for("auto", on_gpu=True) == "bf16"
-    assert ds_config.precision_for("auto", on_gpu=True, bf16_supported=False) == "fp32"
-    assert ds_config.precision_for("bf16", on_gpu=False) == "bf16"
+    assert devices.precision_for("auto", on_gpu=False) == "fp32"
+    assert devices.precision_for("auto", on_gpu=True) == "bf16"
+    assert devices.precision_for("auto", on_gpu=True, bf16_supported=False) == "fp32"
+    assert devices.precision_for("bf16", on_gpu=False) == "bf16"
 
 
 def test_deepspeed_config_for_zero3():
@@ -90,9 +91,9 @@ def test_optimizer_choice():
 
 
 def test_cpu_threads_share_the_nodes_cores_unless_the_user_set_them():
-    assert ds_config.cpu_threads(2, 1) == 2  # one worker on a 2-core node: both cores, not Ray's 1
-    assert ds_config.cpu_threads(2, 2) == 1
-    assert ds_config.cpu_threads(16, 3) == 5  # 16 // 3
-    assert ds_config.cpu_threads(2, 4) == 1  # more workers than cores: at least one thread each
-    assert ds_config.cpu_threads(2, 1, "6") == 6  # OMP_NUM_THREADS given when the run started
-    assert ds_config.cpu_threads(2, 1, "") == 2 and ds_config.cpu_threads(2, 1, "0") == 2
+    assert devices.cpu_threads(2, 1) == 2  # one worker on a 2-core node: both cores, not Ray's 1
+    assert devices.cpu_threads(2, 2) == 1
+    assert devices.cpu_threads(16, 3) == 5  # 16 // 3
+    assert devices.cpu_threads(2, 4) == 1  # more workers than cores: at least one thread each
+    assert devices.cpu_threads(2, 1, "6") == 6  # OMP_NUM_THREADS given when the run started
+    assert devices.cpu_threads(2, 1, "") == 2 and devices.cpu_threads(2, 1, "0") == 2

@@ -9,8 +9,9 @@ import yaml
 
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
 from tests.tiny import CHAT_TEMPLATE, build_tiny_model_dir
-from training import export, storage
-from training.errors import ConfigError
+from core import storage
+from training import export
+from core.errors import ConfigError
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

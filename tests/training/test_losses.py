@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.errors import ConfigError
-from training.logprobs import sequence_logps
+from core.errors import ConfigError
+from core.logprobs import sequence_logps
 from training.losses import (
     LOSSES,
     check_loss_config,

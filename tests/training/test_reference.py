@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from training.batch import collate_pairs
-from training.forward import sequence_logps_of
+from core.batch import collate_pairs
+from core.forward import sequence_logps_of
 from training.losses import dpo_loss
 from training.reference import (ReferenceStage, cache_key, file_fingerprints, forward_groups, model_fingerprint,
                                 token_settings)
@@ -89,7 +89,7 @@ def test_forward_groups_hand_worked():
 
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir, share_prompt):
-    from training.models import load_tokenizer
+    from core.models import load_tokenizer
 
     pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
     # a budget that splits the stage's forwards differently from the training micro-batches; the live reference
@@ -121,8 +121,8 @@ def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir, sh
 def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_path):
     import ray
 
-    from training.data.pipeline import tokenized_dataset
-    from training.data.synthetic import answer_format_pairs
+    from core.data.pipeline import tokenized_dataset
+    from core.data.synthetic import answer_format_pairs
     from training.reference import precompute_reference
 
     data = tmp_path / "train.jsonl"
@@ -151,7 +151,7 @@ def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_
     assert len(first) == 12
     assert [row["ref_chosen_logps"] for row in second] == [row["ref_chosen_logps"] for row in first]
 
-    from training.models import load_tokenizer
+    from core.models import load_tokenizer
 
     pad_id = load_tokenizer(str(tiny_model_dir)).pad_token_id
     pairs = {k: [list(row[k]) for row in first] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
@@ -170,7 +170,7 @@ def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_
     import subprocess
     import sys
 
-    from training.data.synthetic import answer_format_pairs
+    from core.data.synthetic import answer_format_pairs
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text(

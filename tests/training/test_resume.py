@@ -22,7 +22,7 @@ import yaml
 
 from tests.s3server import s3_server  # noqa: F401
 from training import checkpoint as ckpt
-from training import storage
+from core import storage
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ WAIT_S = 900  # a run on a busy 2-core machine
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from tests.tiny import build_tiny_model_dir
-    from training.data.synthetic import answer_format_pairs
+    from core.data.synthetic import answer_format_pairs
 
     root = tmp_path_factory.mktemp("resume")
     build_tiny_model_dir(root / "model")

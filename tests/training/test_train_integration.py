@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from tests.tiny import build_tiny_model_dir
-from training.batch import collate_pairs
-from training.data.synthetic import answer_format_pairs
-from training.logprobs import sequence_logps, token_logps
+from core.batch import collate_pairs
+from core.data.synthetic import answer_format_pairs
+from core.logprobs import sequence_logps, token_logps
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

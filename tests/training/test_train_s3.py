@@ -9,7 +9,7 @@ import yaml
 from tests.s3server import s3_server  # noqa: F401 - the fixture
 from tests.tiny import build_tiny_model_dir
 from tests.training.test_train_integration import run_train
-from training.data.synthetic import answer_format_pairs
+from core.data.synthetic import answer_format_pairs
 
 pytestmark = pytest.mark.slow
 

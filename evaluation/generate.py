@@ -1,0 +1,152 @@
+"""Answers from a model for many prompts, distributed with Ray Data: map_batches over model actors, one per worker.
+
+Rows travel as {"index", "messages" (JSON text), "system", "tools" (JSON text or "")}: Arrow keeps a fixed schema,
+and the index restores the input order after the actors finish (Ray Data does not keep order across actors by
+default). Each answer says how many tokens it took and whether it hit max_new_tokens without ending (a cut answer,
+counted in the results).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    batch_size: int = 8
+    seed: int = 0
+
+
+def generation_kwargs(settings: GenerationSettings) -> dict:
+    """model.generate() arguments: greedy at temperature 0 (sampling knobs then do nothing), else sampling."""
+    if settings.temperature == 0:
+        # None overrides a model's generation_config sampling defaults, which greedy decoding would warn about.
+        return {"max_new_tokens": settings.max_new_tokens, "do_sample": False,
+                "temperature": None, "top_p": None, "top_k": None}
+    return {"max_new_tokens": settings.max_new_tokens, "do_sample": True, "temperature": settings.temperature,
+            "top_p": settings.top_p, "top_k": settings.top_k if settings.top_k > 0 else 0}  # transformers: 0 = off
+
+
+def answer_length(new_ids: list[int], eos_ids: set[int]) -> tuple[int, bool]:
+    """(answer tokens before the first end-of-sequence token, whether it ended) for one generated row.
+
+    A row that never produced an end token ran into max_new_tokens: generate() pads only rows that ended.
+    """
+    for position, token in enumerate(new_ids):
+        if token in eos_ids:
+            return position, True
+    return len(new_ids), False
+
+
+def prompt_text(tokenizer, messages: list[dict], system: str | None, tools: str | None = None) -> str:
+    """The model's chat template over the prompt turns, system prompt first, ending with the assistant header.
+
+    tools: JSON text of a list of tool specs (as canonical records carry them), handed to the template.
+    """
+    from core.data.tokenize import FALLBACK_TEMPLATE
+
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = FALLBACK_TEMPLATE  # base models: the same fallback training uses
+    turns = ([{"role": "system", "content": system}] if system else []) + list(messages)
+    extra = {"tools": json.loads(tools)} if tools else {}
+    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **extra)
+
+
+def eos_token_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def load_for_inference(model_source: str, device: str):
+    """(tokenizer, model in eval mode on device): a full model, or a LoRA adapter folder on its base."""
+    import torch
+
+    from core.models import load_tokenizer, load_trained
+
+    tokenizer = load_tokenizer(model_source)
+    tokenizer.padding_side = "left"  # generation continues each row at its right end
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_trained(model_source, dtype=dtype).to(device)
+    model.eval()
+    return tokenizer, model
+
+
+class GeneratorActor:
+    """A Ray Data actor: loads the model once, answers a batch of prompts per call."""
+
+    def __init__(self, model_source: str, settings: dict, device: str = "cpu", threads: int | None = None):
+        from core.devices import use_threads
+
+        use_threads(threads)
+        self.settings = GenerationSettings(**settings)
+        self.device = device
+        self.tokenizer, self.model = load_for_inference(model_source, device)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        messages = [json.loads(str(m)) for m in batch["messages"]]
+        systems = [str(s) or None for s in batch["system"]]
+        tools = [str(t) or None for t in batch["tools"]] if "tools" in batch else [None] * len(messages)
+        texts = [prompt_text(self.tokenizer, m, s, t) for m, s, t in zip(messages, systems, tools)]
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if self.settings.temperature > 0:
+            torch.manual_seed(self.settings.seed + int(batch["index"][0]))  # same rows, same samples
+        with torch.no_grad():
+            out = self.model.generate(**encoded, **generation_kwargs(self.settings),
+                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+        new = out[:, encoded["input_ids"].shape[1]:].tolist()
+        predictions, lengths, cut = [], [], []
+        for ids in new:
+            n, ended = answer_length(ids, self.eos_ids)
+            predictions.append(self.tokenizer.decode(ids[:n], skip_special_tokens=True))
+            lengths.append(n)
+            cut.append(not ended)
+        return {"index": list(batch["index"]), "prediction": predictions, "new_tokens": lengths,
+                "hit_max_new_tokens": cut}
+
+
+def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, workers: int, use_gpu: bool,
+                   batch_size: int) -> list[dict]:
+    """items through `actor_cls` on `workers` Ray Data actors (one GPU each, or one CPU each); input order kept.
+
+    Every item carries an int "index"; the actors return it with their outputs.
+    """
+    import ray.data
+
+    if not items:
+        return []
+    from core.devices import cpu_threads
+
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    if not use_gpu:  # the cores of this node shared by the actors (several nodes: fewer threads than cores, safe)
+        constructor_kwargs = constructor_kwargs | {"threads": cpu_threads(len(os.sched_getaffinity(0)), workers)}
+    ds = ray.data.from_items(items).map_batches(
+        actor_cls, fn_constructor_kwargs=constructor_kwargs, compute=ray.data.ActorPoolStrategy(size=workers),
+        batch_size=batch_size, batch_format="numpy", **resources)
+    rows = ds.take_all()
+    rows.sort(key=lambda r: int(r["index"]))
+    assert [int(r["index"]) for r in rows] == [int(i["index"]) for i in items], "every row comes back once"
+    return rows
+
+
+def generate_answers(prompts: list[dict], model_source: str, settings: GenerationSettings, *, workers: int = 1,
+                     use_gpu: bool = False) -> list[dict]:
+    """One answer per prompt ({"messages": [...], "system": str | None, "tools": JSON text | None}), in order:
+    [{"prediction", "new_tokens", "hit_max_new_tokens"}]."""
+    items = [{"index": i, "messages": json.dumps(p["messages"], ensure_ascii=False), "system": p.get("system") or "",
+              "tools": p.get("tools") or ""} for i, p in enumerate(prompts)]
+    rows = run_actor_pool(items, GeneratorActor,
+                          {"model_source": model_source, "settings": asdict(settings),
+                           "device": "cuda" if use_gpu else "cpu"},
+                          workers=workers, use_gpu=use_gpu, batch_size=settings.batch_size)
+    return [{"prediction": str(r["prediction"]), "new_tokens": int(r["new_tokens"]),
+             "hit_max_new_tokens": bool(r["hit_max_new_tokens"])} for r in rows]

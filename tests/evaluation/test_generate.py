@@ -1,0 +1,100 @@
+"""Generation: sampling arguments, cut answers, batching with left padding, and the Ray Data actor pool."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evaluation import generate as g
+
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "Answer: yes or no. Please answer in one word."}],
+]
+
+
+def test_generation_kwargs_greedy_and_sampling():
+    greedy = g.generation_kwargs(g.GenerationSettings(max_new_tokens=5, temperature=0.0, top_p=0.5, top_k=3))
+    assert greedy == {"max_new_tokens": 5, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sample = g.generation_kwargs(g.GenerationSettings(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1))
+    assert sample == {"max_new_tokens": 5, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0}
+    assert g.generation_kwargs(g.GenerationSettings(temperature=1.0, top_k=40))["top_k"] == 40
+
+
+def test_answer_length_stops_at_the_first_end_token():
+    assert g.answer_length([5, 7, 2, 0, 0], {2}) == (2, True)
+    assert g.answer_length([2, 5], {2, 9}) == (0, True)
+    assert g.answer_length([5, 7, 8], {2}) == (3, False)  # never ended: cut by max_new_tokens
+
+
+def test_prompt_text_puts_the_system_prompt_first(tiny_model_dir):
+    from core.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    text = g.prompt_text(tok, MESSAGES[1], "be brief")
+    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert g.prompt_text(tok, MESSAGES[1], None).startswith("<|im_start|>user\nhi")
+
+
+def _batch(messages, systems=None):
+    systems = systems or [""] * len(messages)
+    return {"index": np.arange(len(messages)), "messages": np.array([json.dumps(m) for m in messages]),
+            "system": np.array(systems)}
+
+
+def _greedy_alone(tok, model, messages, max_new_tokens, eos_ids):
+    """The reference: one prompt at a time, no padding, plain transformers generate."""
+    import torch
+
+    ids = tok(g.prompt_text(tok, messages, None), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos_ids),
+                             pad_token_id=tok.pad_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def test_actor_batches_with_left_padding_like_one_at_a_time(tiny_model_dir):
+    actor = g.GeneratorActor(str(tiny_model_dir), {"max_new_tokens": 8, "batch_size": 3})
+    out = actor(_batch(MESSAGES))
+    assert list(out["index"]) == [0, 1, 2]
+    for i, messages in enumerate(MESSAGES):
+        alone = _greedy_alone(actor.tokenizer, actor.model, messages, 8, actor.eos_ids)
+        n, ended = g.answer_length(alone, actor.eos_ids)
+        assert out["prediction"][i] == actor.tokenizer.decode(alone[:n], skip_special_tokens=True)
+        assert out["new_tokens"][i] == n and out["hit_max_new_tokens"][i] == (not ended)
+
+
+def test_actor_counts_answers_cut_by_max_new_tokens(tiny_model_dir):
+    actor = g.GeneratorActor(str(tiny_model_dir), {"max_new_tokens": 8})
+    alone = _greedy_alone(actor.tokenizer, actor.model, MESSAGES[0], 8, actor.eos_ids)
+    n, ended = g.answer_length(alone, actor.eos_ids)
+    first = actor(_batch(MESSAGES[:1]))
+    assert first["hit_max_new_tokens"] == [not ended] and first["new_tokens"] == [n]
+    assert not ended and n == 8, "a random tiny model does not end within 8 tokens"
+    # Make the third generated token an end token: the same prompt now ends where it first appears.
+    stop = alone[2]
+    cut_at = alone.index(stop)
+    actor.eos_ids = {stop}
+    again = actor(_batch(MESSAGES[:1]))
+    assert again["hit_max_new_tokens"] == [False] and again["new_tokens"] == [cut_at]
+    assert again["prediction"][0] == actor.tokenizer.decode(alone[:cut_at], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_ray_data_actor_pool_keeps_order(tiny_model_dir):
+    import ray
+
+    prompts = [{"messages": m, "system": s} for m in MESSAGES for s in (None, "be brief")]
+    settings = g.GenerationSettings(max_new_tokens=8, batch_size=2)
+    direct = g.GeneratorActor(str(tiny_model_dir), {"max_new_tokens": 8})
+    want = direct(_batch([p["messages"] for p in prompts], [p["system"] or "" for p in prompts]))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        got = g.generate_answers(prompts, str(tiny_model_dir), settings, workers=2)
+    finally:
+        ray.shutdown()
+    assert [r["prediction"] for r in got] == list(want["prediction"])
+    assert [r["new_tokens"] for r in got] == list(want["new_tokens"])
+    assert [r["hit_max_new_tokens"] for r in got] == list(want["hit_max_new_tokens"])

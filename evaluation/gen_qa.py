@@ -268,7 +268,7 @@ def evaluate(rows: list[dict], models: list[dict], generation, *, use_stemmer: b
     generation: a generate.GenerationSettings. An entry is {"path", "metrics", "n", "truncated", "truncated_rate"}
     where truncated counts the answers that hit max_new_tokens without ending.
     """
-    from evaluation.generate import generate_answers
+    from core.generate import generate_answers
 
     references = [r["reference"] for r in rows]
     per_row = [{"source": r["source"], "messages": r["messages"], "system": r["system"], "reference": r["reference"]}

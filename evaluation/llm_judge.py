@@ -163,7 +163,7 @@ def endpoint_judge(judge) -> Callable[[list[str]], list[str]]:
 def model_judge(judge_source: str, max_new_tokens: int, *, workers: int, use_gpu: bool,
                 batch_size: int = 8) -> Callable[[list[str]], list[str]]:
     """ask(prompts) -> replies from a local or hub judge model, greedy, through Ray Data actors."""
-    from evaluation.generate import GenerationSettings, generate_answers
+    from core.generate import GenerationSettings, generate_answers
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
 
@@ -227,7 +227,7 @@ def evaluate(rows: list[dict], models: list[dict], judge, generation, *, workers
     examples, error)` gets what was judged before the error is raised again.
     """
     from core.errors import RaydpoError
-    from evaluation.generate import generate_answers
+    from core.generate import generate_answers
 
     template = load_judge_prompt(judge.prompt_file)
     answers = {m["label"]: generate_answers(rows, m["path"], generation, workers=workers, use_gpu=use_gpu)

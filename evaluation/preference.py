@@ -79,7 +79,7 @@ class LogpsActor:
                  threads: int | None = None):
         from core.batch import collate_for, model_layout
         from core.devices import use_threads
-        from evaluation.generate import load_for_inference
+        from core.generate import load_for_inference
         from core.forward import add_logps_head
 
         use_threads(threads)
@@ -135,7 +135,7 @@ def score_pairs(records: list[dict], model_source: str, reference: str | None, s
     """
     from dataclasses import asdict
 
-    from evaluation.generate import run_actor_pool
+    from core.generate import run_actor_pool
 
     items = [{"index": i, "record": json.dumps(r, ensure_ascii=False)} for i, r in enumerate(records)]
     rows = run_actor_pool(items, LogpsActor,

@@ -48,7 +48,7 @@ def evaluate_demo(recipe: dict, tuned: str, heldout: Path, out: Path) -> dict:
     from cluster.session import ray_session
     from launcher.console import user_console
     from core.data.synthetic import shows_preferred_format
-    from evaluation.generate import GenerationSettings, generate_answers
+    from core.generate import GenerationSettings, generate_answers
     from evaluation.preference import ADAPTER_DISABLED, PreferenceSettings, evaluate, read_pairs
 
     records, _ = read_pairs(str(heldout))

@@ -328,7 +328,7 @@ def _selected(entries: dict, wanted: tuple[str, ...]) -> dict:
 
 
 def _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial):
-    from evaluation.generate import GenerationSettings
+    from core.generate import GenerationSettings
 
     inf, ev = recipe.inference, recipe.evaluation
     generation = GenerationSettings(max_new_tokens=inf.max_new_tokens, temperature=inf.temperature, top_p=inf.top_p,

@@ -33,7 +33,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.launcher import check_cluster_config, job_entrypoint, load_cluster_yaml, run_on_new_cluster, \
+    from cluster.ray_up import check_cluster_config, job_entrypoint, load_cluster_yaml, run_on_new_cluster, \
         with_replicas
 
     recipe_obj, args = load_from_args(args)  # every recipe problem (and a --replicas that cannot split the batch)

@@ -196,7 +196,7 @@ ANSWERS = {"base-model": ["London", "Paris", "Rome", "Berlin"], "tuned-model": [
 
 @pytest.fixture
 def fixed_answers(monkeypatch, tmp_path):
-    from evaluation import generate
+    from core import generate
 
     def fake(rows, model_source, settings, **kw):
         return [{"prediction": a, "new_tokens": 1, "hit_max_new_tokens": a == "Berlin"} for a in ANSWERS[model_source]]
@@ -241,7 +241,7 @@ def test_local_judge_model(tiny_model_dir):
     import numpy as np
     import ray
 
-    from evaluation.generate import GeneratorActor
+    from core.generate import GeneratorActor
 
     comparisons = [{"model": "m", "row": i, "question": "capital of France?", "candidate": c, "other": "Paris"}
                    for i, c in enumerate(["Paris", "London"])]

@@ -1,5 +1,5 @@
 """`raydpo launch`: what it checks before `ray up`, and what it hands the launcher (the real `ray up` run is in
-tests/cluster/test_launcher_local.py)."""
+tests/cluster/test_ray_up_local.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import cluster.launcher
+import cluster.ray_up
 from launcher.cli import main
 from core.errors import ClusterError
 
@@ -27,7 +27,7 @@ def calls(monkeypatch):
             Path(local).write_text(json.dumps({"steps": 5, "planned_steps": 5, "run_uri": "x"}))
         return {"job_id": "raysubmit_1", "status": "SUCCEEDED", "message": ""}
 
-    monkeypatch.setattr(cluster.launcher, "run_on_new_cluster", fake)
+    monkeypatch.setattr(cluster.ray_up, "run_on_new_cluster", fake)
     monkeypatch.chdir(ROOT)
     return seen
 
@@ -97,7 +97,7 @@ def test_a_failed_job_is_a_cluster_error_with_exit_code_3(monkeypatch, capsys):
         raise ClusterError("job raysubmit_2 failed on the cluster", why="Job entrypoint command failed with exit "
                            "code 2", fix="read the log above")
 
-    monkeypatch.setattr(cluster.launcher, "run_on_new_cluster", failing)
+    monkeypatch.setattr(cluster.ray_up, "run_on_new_cluster", failing)
     monkeypatch.chdir(ROOT)
     assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/local.yaml", "--replicas", "2"]) == 3
     err = capsys.readouterr().err

@@ -36,7 +36,7 @@ JOB = textwrap.dedent("""
 DRIVER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from cluster.launcher import check_cluster_config, load_cluster_yaml, run_on_new_cluster, with_replicas
+    from cluster.ray_up import check_cluster_config, load_cluster_yaml, run_on_new_cluster, with_replicas
     config = with_replicas(load_cluster_yaml("cluster/local.yaml"), int(sys.argv[3]))
     check_cluster_config(config, "cluster/local.yaml")
     lines = []

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from evaluation import generate as g
+from core import generate as g
 
 MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.launcher import (check_cluster_config, config_problems, dashboard_port, ensure_local_token,
+from cluster.ray_up import (check_cluster_config, config_problems, dashboard_port, ensure_local_token,
                               is_progress_line, load_cluster_yaml, ray_schema_problems, tail, with_replicas)
 from core.errors import ClusterError, ConfigError
 

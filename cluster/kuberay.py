@@ -27,8 +27,17 @@ SECRET_KEYS = (
     ("AWS_DEFAULT_REGION", "AWS_DEFAULT_REGION", False),
     ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL", False),  # S3-compatible stores (MinIO, ...)
 )
+# Hub and MLflow tokens, read from a second Secret, each optional (the recipe never holds them): (variable, key)
+TOKEN_KEYS = (("HF_TOKEN", "HF_TOKEN"), ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+              ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_PASSWORD"), ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_TOKEN"))
 # KubeRay's own limits: it appends 6 characters to a RayJob's name for its RayCluster, whose name must fit 53.
 MAX_RAYJOB_NAME, MAX_RAYCLUSTER_NAME = 47, 53
+
+
+SHM_VOLUME = "dshm"
+# per-GPU share of a GPU node (p4d/p5: 96-192 vCPUs and 1.1-2 TiB for 8 GPUs; g5.12xlarge: 48 vCPUs, 192 GiB for 4)
+CPUS_PER_GPU, MEMORY_GI_PER_GPU = 8, 64
+CPU_POD = (4, "16Gi")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,14 @@ class K8sOptions:
     active_deadline_s: int = 24 * 3600
     backoff_limit: int = 0         # a DPO run retried from scratch would redo hours of GPU time: retry by hand
     ttl_after_finished_s: int = 300
+    token_secret: str | None = "raydpo-tokens"   # HF_TOKEN, MLFLOW_TRACKING_*; None: no such Secret
+
+
+def worker_size(gpus: int, cpus: int | None = None, memory: str | None = None) -> PodSize:
+    """A worker pod's size: what --worker-cpus/--worker-memory say, else a share of the node that grows with its
+    GPUs (a pod of 8 GPUs loads 8 workers' model shards and data: 64 CPUs, 512Gi, not one GPU's 8 and 64Gi)."""
+    default_cpus, default_memory = (CPUS_PER_GPU * gpus, f"{MEMORY_GI_PER_GPU * gpus}Gi") if gpus else CPU_POD
+    return PodSize(cpus=cpus or default_cpus, memory=memory or default_memory, gpus=gpus)
 
 
 def is_gpu_image(image: str) -> bool:
@@ -61,7 +78,10 @@ def is_gpu_image(image: str) -> bool:
 
 
 def recipe_configmap(name: str, recipe: dict, namespace: str | None = None) -> dict:
-    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
+    from core.tracking import redacted, without_credentials
+
+    # a password in a URI (run.mlflow_tracking_uri) stays out of the ConfigMap: the pods read it from token_secret
+    text = yaml.safe_dump(redacted(recipe, without_credentials), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _metadata(f"{name}-recipe", name, namespace),
             "data": {RECIPE_FILE: text}}
@@ -77,17 +97,22 @@ def ray_cluster_spec(opts: K8sOptions, configmap: str) -> dict:
         "ports": [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}],
         "resources": _resources(opts.head),
-        "env": _secret_env(opts.secret),
+        "env": _secret_env(opts.secret) + _token_env(opts.token_secret),
         "volumeMounts": [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}],
     }
     worker_container = {
         "name": "ray-worker", "image": opts.image,
         "resources": _resources(opts.worker),
-        "env": _secret_env(opts.secret),
+        "env": _secret_env(opts.secret) + _token_env(opts.token_secret),
     }
     head_pod = {"containers": [_drop_empty(head_container)],
                 "volumes": [{"name": "recipe", "configMap": {"name": configmap}}]}
-    worker_pod = {"containers": [_drop_empty(worker_container)]}
+    # /dev/shm as a memory-backed volume: a container's own is 64 MB, too small for NCCL's shared-memory transport
+    # between the GPUs of one pod (it fails or falls back to slower paths) and for Ray's object store. It counts
+    # against the pod's memory limit, so no sizeLimit of its own.
+    worker_container["volumeMounts"] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    worker_pod = {"containers": [_drop_empty(worker_container)],
+                  "volumes": [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]}
     if opts.service_account:
         head_pod["serviceAccountName"] = worker_pod["serviceAccountName"] = opts.service_account
     return {
@@ -166,6 +191,14 @@ def _secret_env(secret: str | None) -> list[dict]:
     return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, **({} if required else
                                                                                         {"optional": True})}}}
             for env, key, required in SECRET_KEYS]
+
+
+def _token_env(secret: str | None) -> list[dict]:
+    """Hub and MLflow tokens by reference, each optional: a pod starts whether or not the Secret holds it."""
+    if not secret:
+        return []
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for env, key in TOKEN_KEYS]
 
 
 def _drop_empty(container: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Where Ray Train puts a run's workers: one pure function, used by the trainer's ScalingConfig.
+"""Where Ray Train puts a run's workers, and how many there are: one pure function, decided once by the launcher
+and carried to the trainer's ScalingConfig in the run plan (training/plan.py).
 
 A replica is a node (Nova's meaning): on GPU nodes it brings one worker per GPU, on CPU nodes one worker.
 
@@ -12,12 +13,24 @@ Both strategies are soft in Ray: a cluster with fewer nodes than replicas still 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from core.errors import ConfigError
 
 STRATEGIES = ("PACK", "SPREAD")
 
 
-def placement_for(replicas: int, gpus_per_node: int, nodes_known: int) -> tuple[str, int, dict]:
+class Placement(NamedTuple):
+    strategy: str       # PACK or SPREAD (Ray's placement group strategy)
+    workers: int        # Ray Train workers: the one worker count of a run (training/plan.py RunPlan.workers)
+    per_worker: dict    # resources each worker takes: {"GPU": 1} or {"CPU": 1}
+
+    @property
+    def use_gpu(self) -> bool:
+        return "GPU" in self.per_worker
+
+
+def placement_for(replicas: int, gpus_per_node: int, nodes_known: int) -> Placement:
     """(placement strategy, Ray Train worker count, resources per worker) for `replicas` replicas.
 
     gpus_per_node: GPUs each replica node brings (0 on CPU). nodes_known: nodes in the cluster that can hold a
@@ -34,4 +47,4 @@ def placement_for(replicas: int, gpus_per_node: int, nodes_known: int) -> tuple[
         workers, per_worker = replicas, {"CPU": 1}
         one_worker_per_node = True
     spread = one_worker_per_node and nodes_known > 1 and replicas > 1
-    return ("SPREAD" if spread else "PACK"), workers, per_worker
+    return Placement("SPREAD" if spread else "PACK", workers, per_worker)

@@ -12,14 +12,17 @@ file_mounts ("~/.ray/auth_token"); `ensure_local_token` makes that token before 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -177,11 +180,43 @@ def ensure_local_token(config: dict, env: dict) -> None:
     if path.is_file() and path.read_text().strip():
         return
     if env.get("RAY_AUTH_TOKEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(env["RAY_AUTH_TOKEN"])
-        path.chmod(0o600)
+        write_private(path, env["RAY_AUTH_TOKEN"])
         return
     ray_cli(["get-auth-token", "--generate"], env, capture=True)  # writes ~/.ray/auth_token
+    if path.is_file():
+        path.chmod(0o600)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Writes a secret into a file only its owner can read, from its first byte: created 0600 (write-then-chmod
+    leaves it readable to everyone for a moment), and an existing file narrowed before it is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (`timeout`, a CI job cancelled, `kill`) handled as Ctrl-C is: the job stopped and `ray down` run, so
+    that no cloud nodes are left running. A second SIGTERM while the cluster goes down is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ray_cli(args: list[str], env: dict, *, log: Path | None = None, capture: bool = False,
@@ -214,10 +249,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, workdir_env: dict | None = None,
-                       replicas: int, keep_cluster: bool, log_dir: Path, say: Say,
-                       fetch: dict[str, Path] | None = None, nodes_timeout_s: float = 900,
-                       up_attempts: int = 2) -> dict:
+def run_on_new_cluster(config: dict, **kwargs) -> dict:
+    """_run_on_new_cluster with SIGTERM treated as Ctrl-C (sigterm_as_interrupt): the cluster still goes down."""
+    with sigterm_as_interrupt():
+        return _run_on_new_cluster(config, **kwargs)
+
+
+def _run_on_new_cluster(config: dict, *, entrypoint: str, working_dir: Path, workdir_env: dict | None = None,
+                        replicas: int, keep_cluster: bool, log_dir: Path, say: Say,
+                        fetch: dict[str, Path] | None = None, nodes_timeout_s: float = 900,
+                        up_attempts: int = 2) -> dict:
     """Up, wait for the worker nodes, submit, stream, fetch, down. Returns {"job_id", "status", "message"}.
 
     config: the cluster YAML already scaled by with_replicas and checked. fetch: remote path -> local path, copied

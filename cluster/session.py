@@ -21,6 +21,11 @@ from typing import Iterator, Mapping
 from core.errors import ClusterError
 
 JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint
+# Ray's own switch for a node nobody else reaches (ray_constants.ENABLE_RAY_CLUSTER, meant for macOS/Windows): off,
+# the node's address is 127.0.0.1 and GCS, raylet, workers, the dashboard agent and the Prometheus metrics export
+# all listen on loopback only (checked with `ss -ltnp`: without it they listen on 0.0.0.0 / the node's IP).
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LISTEN_ENV = "RAYDPO_LOCAL_RAY_LISTEN"  # "all": a local cluster other machines may reach (Ray's default binding)
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -91,6 +96,14 @@ def _amount(name: str, value: float) -> str:
     return f"{value:g}"
 
 
+def local_cpus(replicas: int, data_cpus: int, cores: int) -> int:
+    """CPUs of a local cluster started for a run: one per training worker plus data_cpus for the data pipeline, or
+    every usable core where the machine has more. replicas + data_cpus alone, on an 8-GPU node with 96 cores, is 10:
+    the 8 workers' reservations leave 2 CPUs to the reference stage's actors and Ray Data's tasks, which then queue
+    while the other cores idle. More than the cores on a small machine: the workers mostly wait on each other."""
+    return max(replicas + data_cpus, cores)
+
+
 @contextlib.contextmanager
 def ray_session(*, num_cpus: int | None, num_gpus: int | None, log_file: Path,
                 log_to_driver: bool = False) -> Iterator[dict]:
@@ -126,7 +139,7 @@ def ray_session(*, num_cpus: int | None, num_gpus: int | None, log_file: Path,
                 ray.shutdown()  # disconnects this driver only; the cluster keeps running
             return
         try:
-            with _sigterm_restored():
+            with _sigterm_restored(), loopback_only(os.environ.get(LISTEN_ENV, "") != "all"):
                 ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                          log_to_driver=log_to_driver, configure_logging=False)
                 logging.getLogger("ray").addHandler(handler)
@@ -134,6 +147,28 @@ def ray_session(*, num_cpus: int | None, num_gpus: int | None, log_file: Path,
                        "resources": ray.cluster_resources()}
         finally:
             ray.shutdown()  # stops the local cluster's processes
+
+
+@contextlib.contextmanager
+def loopback_only(on: bool = True) -> Iterator[None]:
+    """A local cluster started inside listens on 127.0.0.1 only: the switch in the environment for the processes
+    Ray starts, and in ray_constants for this one (read when ray was imported, maybe before this)."""
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved_env, saved_constant = os.environ.get(RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[RAY_CLUSTER_SWITCH] = saved_env
 
 
 @contextlib.contextmanager

@@ -102,23 +102,10 @@ def shared_prompt_row(prompt: list[int], chosen: list[int], rejected: list[int])
     return tokens, positions, segments, loss_mask
 
 
-def shared_prompt_mask(segments, prompt_length: int, length: int):
-    """[T, T] bool, True where query i attends to key j: causal over the row's `length` real tokens, except that the
-    rejected answer sees neither the chosen answer nor the prompt's last token (its copy stands in for it)."""
-    import torch
-
-    width = segments.shape[0]
-    index = torch.arange(width)
-    allowed = (index[None, :] <= index[:, None]) & (index[None, :] < length)
-    hidden_from_rejected = segments == 1
-    if prompt_length:
-        hidden_from_rejected = hidden_from_rejected | (index == prompt_length - 1)
-    return allowed & ~((segments == 2)[:, None] & hidden_from_rejected[None, :])
-
-
 def collate_shared(batch: dict, pad_id: int) -> dict:
-    """B pairs as B right-padded rows [B, T] (shared_prompt_row) with position_ids, segment ids (-1 on padding) and
-    "pair_mask", the [B, T, T] attention pattern. real_tokens counts what a padded layout holds (the prompt twice):
+    """B pairs as B right-padded rows [B, T] (shared_prompt_row) with position_ids, segment ids (-1 on padding), and
+    each row's prompt length and length: core/attention.py makes the attention mask from these on the model's device
+    (no [B, T, T] mask travels from here). real_tokens counts what a padded layout holds (the prompt twice):
     the same work measured the same way; computed_tokens is what the forward computes."""
     import torch
 
@@ -129,22 +116,21 @@ def collate_shared(batch: dict, pad_id: int) -> dict:
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    masks = []
-    for row, ((tokens, positions, segs, mask), prompt) in enumerate(zip(rows, batch["prompt_ids"])):
+    for row, (tokens, positions, segs, mask) in enumerate(rows):
         n = len(tokens)
         input_ids[row, :n] = torch.as_tensor(tokens, dtype=torch.long)
         position_ids[row, :n] = torch.as_tensor(positions, dtype=torch.long)
         segments[row, :n] = torch.as_tensor(segs, dtype=torch.long)
         loss_mask[row, :n] = torch.as_tensor(mask, dtype=torch.long)
-        masks.append(shared_prompt_mask(segments[row], len(prompt), n))
     real = sum(2 * len(p) + len(c) + len(r) for p, c, r in
                zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]))
     return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "loss_mask": loss_mask,
-            "pair_mask": torch.stack(masks), "real_tokens": real, "computed_tokens": int(input_ids.numel()),
+            "prompt_lengths": torch.as_tensor([len(p) for p in batch["prompt_ids"]], dtype=torch.long),
+            "lengths": torch.as_tensor([len(tokens) for tokens, *_ in rows], dtype=torch.long), "real_tokens": real, "computed_tokens": int(input_ids.numel()),
             **reference_tensors(batch)}
 
 
-SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")  # take a custom mask (4D, or a flex BlockMask)
 
 
 def mask_attention(config) -> str | None:

@@ -18,6 +18,45 @@ def cpu_threads(cores: int, local_workers: int, requested: str | None = None) ->
     return max(1, cores // max(1, local_workers))
 
 
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_QUOTA = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def quota_cores(quota_us: int | None, period_us: int | None) -> int | None:
+    """Whole cores a CFS quota allows (at least one), None without a quota. A pod limited to 1.5 CPUs gets 1 thread:
+    a second would be throttled for half of every period, and torch's threads wait on the slowest."""
+    if quota_us is None or period_us is None or quota_us <= 0 or period_us <= 0:
+        return None
+    return max(1, quota_us // period_us)
+
+
+def parse_cpu_max(text: str) -> tuple[int | None, int | None]:
+    """cgroup v2 cpu.max ("QUOTA PERIOD", QUOTA "max" when unlimited) as (quota_us, period_us)."""
+    parts = text.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None, None
+    return (int(parts[0]) if parts[0].isdigit() else None), int(parts[1])
+
+
+def usable_cores(affinity: int | None = None, cpu_max: str = CGROUP_V2_CPU_MAX,
+                 v1_files: tuple[str, str] = CGROUP_V1_QUOTA) -> int:
+    """The cores this process may use: its CPU affinity, capped by the container's CPU quota (cgroup v2 cpu.max, or
+    v1's cfs quota): a Kubernetes pod with `limits.cpu: 8` on a 96-core node sees 96 cores in its affinity."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if affinity is None else affinity
+    quota, period = None, None
+    try:
+        quota, period = parse_cpu_max(open(cpu_max).read())
+    except OSError:
+        try:
+            quota, period = (int(open(path).read().strip()) for path in v1_files)
+        except (OSError, ValueError):
+            pass
+    allowed = quota_cores(quota, period)
+    return min(cores, allowed) if allowed else cores
+
+
 def use_threads(threads: int | None) -> None:
     """torch's intra-op threads in a CPU actor: Ray sets OMP_NUM_THREADS=1 for an actor holding one CPU, which
     leaves the machine's other cores idle when there are fewer actors than cores."""
@@ -25,3 +64,28 @@ def use_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def quantization_problem(quantization: str | None, on_gpu: bool, bitsandbytes_installed: bool) -> str | None:
+    """Why this worker cannot load the base in 4/8 bit, None when it can (or nothing is asked). Decided on the worker,
+    with its own devices: a CPU head node drives GPU workers, so the driver's devices say nothing."""
+    if not quantization:
+        return None
+    if not on_gpu:
+        return "this worker has no CUDA device, and bitsandbytes' 4/8-bit kernels run on CUDA only"
+    if not bitsandbytes_installed:
+        return "bitsandbytes is not installed on this worker"
+    return None
+
+
+def require_quantization(quantization: str | None, on_gpu: bool) -> None:
+    """A ConfigError on the worker when training_config.model.peft.quantization cannot be honoured here."""
+    import importlib.util
+
+    from core.errors import ConfigError
+
+    why = quantization_problem(quantization, on_gpu, importlib.util.find_spec("bitsandbytes") is not None)
+    if why:
+        raise ConfigError(f"training_config.model.peft.quantization={quantization} cannot be loaded on this worker",
+                          why=why, fix="run on GPU workers with bitsandbytes installed (pip install bitsandbytes), "
+                                       "or set training_config.model.peft.quantization=null")

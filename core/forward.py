@@ -20,6 +20,7 @@ import types
 
 import torch
 
+from core.attention import attention_mask
 from core.logprobs import IGNORE_INDEX, sequence_logps, token_logps
 
 HEAD_FLAG = "_raydpo_logps_head"
@@ -72,26 +73,24 @@ def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool 
     """(summed response log-probs, response token counts) per sequence of a collated batch: ([S], [S]).
 
     batch: collate_pairs' padded batch, collate_packed's packed one (then "segment_ids" says which sequence each
-    position belongs to, and S is the number of sequences), or collate_shared's one row per pair (then "pair_mask"
-    keeps the answers apart; S is twice the rows, chosen first). head=False takes the model's full logits instead (the
+    position belongs to, and S is the number of sequences), or collate_shared's one row per pair (then "segments"
+    keep the answers apart; S is twice the rows, chosen first). head=False takes the model's full logits instead (the
     unoptimised path, kept for comparison and for models that cannot take the head).
     """
     labels = shifted_labels(batch["input_ids"], batch["loss_mask"])
     inputs = {"input_ids": batch["input_ids"]}
-    if "pair_mask" in batch:  # collate_shared: one row per pair, the prompt computed once
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        blocked = torch.zeros(batch["pair_mask"].shape, dtype=dtype, device=batch["pair_mask"].device)
-        inputs |= {"position_ids": batch["position_ids"],  # an additive 4D mask: eager and SDPA attention take it
-                   "attention_mask": blocked.masked_fill(~batch["pair_mask"], torch.finfo(dtype).min)[:, None]}
-    elif "segment_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]  # no attention mask: the model finds the packed sequences
+    if "segments" in batch or "segment_ids" in batch:  # shared prompt or packed: positions restart per answer
+        inputs["position_ids"] = batch["position_ids"]
+        mask = attention_mask(batch, model)  # made on the device once per batch (core/attention.py)
+        if mask is not None:  # packed without flex: none, the model finds the sequences from position_ids
+            inputs["attention_mask"] = mask
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     if head:
         per_token = model(**inputs, logps_labels=labels, logps_chunk=chunk_size)
     else:
         per_token = token_logps(model(**inputs).logits, labels, chunk_size)
-    if "pair_mask" in batch:  # each label belongs to the answer of the token it predicts
+    if "segments" in batch:  # shared: each label belongs to the answer of the token it predicts
         predicted = torch.full_like(batch["segments"], -1)
         predicted[:, :-1] = batch["segments"][:, 1:]
         labelled = labels != IGNORE_INDEX

@@ -64,16 +64,19 @@ def eos_token_ids(tokenizer, model) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def load_for_inference(model_source: str, device: str):
-    """(tokenizer, model in eval mode on device): a full model, or a LoRA adapter folder on its base."""
+def load_for_inference(model_source: str, device: str, gpus: int = 1, gpu_bytes: int = 0):
+    """(tokenizer, model in eval mode): a full model, or a LoRA adapter folder on its base. On CUDA whole on one GPU
+    or split by layers over the actor's `gpus` (core/sharding.py: device_map under a max_memory budget)."""
     import torch
 
     from core.models import load_tokenizer, load_trained
+    from core.sharding import load_kwargs
 
     tokenizer = load_tokenizer(model_source)
     tokenizer.padding_side = "left"  # generation continues each row at its right end
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_trained(model_source, dtype=dtype).to(device)
+    on_gpu = device.startswith("cuda")
+    model = load_trained(model_source, dtype=torch.bfloat16 if on_gpu else torch.float32,
+                         load_kwargs=load_kwargs(gpus, gpu_bytes) if on_gpu else None)
     model.eval()
     return tokenizer, model
 
@@ -81,13 +84,15 @@ def load_for_inference(model_source: str, device: str):
 class GeneratorActor:
     """A Ray Data actor: loads the model once, answers a batch of prompts per call."""
 
-    def __init__(self, model_source: str, settings: dict, device: str = "cpu", threads: int | None = None):
+    def __init__(self, model_source: str, settings: dict, device: str = "cpu", threads: int | None = None,
+                 gpus: int = 1, gpu_bytes: int = 0):
         from core.devices import use_threads
+        from core.sharding import input_device
 
         use_threads(threads)
         self.settings = GenerationSettings(**settings)
-        self.device = device
-        self.tokenizer, self.model = load_for_inference(model_source, device)
+        self.tokenizer, self.model = load_for_inference(model_source, device, gpus, gpu_bytes)
+        self.device = input_device(self.model)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model)
 
     def __call__(self, batch: dict) -> dict:
@@ -124,11 +129,11 @@ def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, wo
 
     if not items:
         return []
-    from core.devices import cpu_threads
+    from core.devices import cpu_threads, usable_cores
 
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    resources = {"num_gpus": constructor_kwargs.get("gpus", 1)} if use_gpu else {"num_cpus": 1}
     if not use_gpu:  # the cores of this node shared by the actors (several nodes: fewer threads than cores, safe)
-        constructor_kwargs = constructor_kwargs | {"threads": cpu_threads(len(os.sched_getaffinity(0)), workers)}
+        constructor_kwargs = constructor_kwargs | {"threads": cpu_threads(usable_cores(), workers)}
     ds = ray.data.from_items(items).map_batches(
         actor_cls, fn_constructor_kwargs=constructor_kwargs, compute=ray.data.ActorPoolStrategy(size=workers),
         batch_size=batch_size, batch_format="numpy", **resources)
@@ -144,9 +149,26 @@ def generate_answers(prompts: list[dict], model_source: str, settings: Generatio
     [{"prediction", "new_tokens", "hit_max_new_tokens"}]."""
     items = [{"index": i, "messages": json.dumps(p["messages"], ensure_ascii=False), "system": p.get("system") or "",
               "tools": p.get("tools") or ""} for i, p in enumerate(prompts)]
-    rows = run_actor_pool(items, GeneratorActor,
-                          {"model_source": model_source, "settings": asdict(settings),
-                           "device": "cuda" if use_gpu else "cpu"},
-                          workers=workers, use_gpu=use_gpu, batch_size=settings.batch_size)
+    kwargs = {"model_source": model_source, "settings": asdict(settings), "device": "cuda" if use_gpu else "cpu"}
+    if use_gpu:  # a model too big for one GPU gets several per actor, and fewer actors (core/sharding.py)
+        from core.sharding import actors_for, gpus_per_actor
+
+        kwargs["gpus"], kwargs["gpu_bytes"] = gpus_per_actor(model_source, 2)
+        workers = actors_for(workers, kwargs["gpus"], workers)
+    rows = run_actor_pool(items, GeneratorActor, kwargs, workers=workers, use_gpu=use_gpu,
+                          batch_size=settings.batch_size)
     return [{"prediction": str(r["prediction"]), "new_tokens": int(r["new_tokens"]),
              "hit_max_new_tokens": bool(r["hit_max_new_tokens"])} for r in rows]
+
+
+def generate_candidates(prompts: list[dict], model_source: str, settings: GenerationSettings, n: int, *,
+                        workers: int = 1, use_gpu: bool = False) -> list[list[dict]]:
+    """n sampled answers per prompt (the same prompt shapes as generate_answers), grouped per prompt, in order.
+
+    Each prompt is repeated n times as its own row: every row draws its own sample from the batch's seeded generator
+    (seed + the batch's first index), so a rerun with the same settings gives the same candidates.
+    """
+    assert n >= 1, "at least one candidate per prompt"
+    repeated = [p for p in prompts for _ in range(n)]
+    answers = generate_answers(repeated, model_source, settings, workers=workers, use_gpu=use_gpu)
+    return [answers[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 
-from core.errors import ConfigError, StorageError
+from core.config import LoraTuning
+from core.errors import ConfigError
 
 OFFLINE_SMOLLM2 = "smollm2-135m-instruct"
 
@@ -52,6 +54,7 @@ def resolve_model_source(source: str) -> str:
             raise ConfigError(f"model folder {source} does not exist",
                               why="a local path must be a folder with config.json (or a .gguf file)",
                               fix="check run.model_name_or_path")
+        check_weight_files(Path(source))
         return str(Path(source).resolve())
     return source  # a Hugging Face hub id: transformers resolves (and caches) it
 
@@ -61,17 +64,11 @@ def _cache_dir(kind: str, key: str) -> Path:
 
 
 def download_model(uri: str) -> Path:
+    """The s3:// model folder in the shared cache: one download per machine however many workers ask at once, and
+    never a half-written file seen (core/storage.download_dir_once: a file lock, a temporary folder, one rename)."""
     from core import storage
 
-    target = _cache_dir("s3-models", uri)
-    if (target / ".complete").exists():
-        return target
-    try:
-        storage.download_dir(uri, str(target))
-    except StorageError:
-        raise
-    (target / ".complete").write_text(uri)
-    return target
+    return storage.download_dir_once(uri, _cache_dir("s3-models", uri))
 
 
 def gguf_cache_dir(gguf_path: Path) -> Path:
@@ -91,6 +88,30 @@ def resolved_location(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weight_files(folder: Path) -> None:
+    """A local model folder's weights: safetensors only (a .bin or .pt file is a pickle, which can run code when
+    loaded), each with a complete header and data (a truncated file fails here, naming it, not on the workers)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = sorted(folder.glob("*.safetensors"))
+    pickled = sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled and not tensors:
+        raise ConfigError(f"model folder {folder} has only pickled weights ({', '.join(p.name for p in pickled)})",
+                          why="raydpo loads safetensors weights only: a pickle file can run code when it is loaded",
+                          fix="convert the weights once on a trusted machine (model.save_pretrained(folder, "
+                              "safe_serialization=True)) and point run.model_name_or_path at that folder")
+    for path in tensors:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"model file {path} is not a complete safetensors file", why=str(err),
+                              fix="copy or download the model again (the file was probably cut short)") from None
+
+
 def gguf_to_folder(gguf_path: Path) -> Path:
     """Loads a GGUF once through transformers and saves safetensors: loading GGUF each time takes seconds."""
     target = gguf_cache_dir(gguf_path)
@@ -100,10 +121,16 @@ def gguf_to_folder(gguf_path: Path) -> Path:
 
     target.mkdir(parents=True, exist_ok=True)
     kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    # dequantize: transformers 5 otherwise keeps GGUF blocks, and such a model refuses save_pretrained
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+        # dequantize: transformers 5 otherwise keeps GGUF blocks, and such a model refuses save_pretrained
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    except (ValueError, KeyError, IndexError, EOFError, OSError, struct.error) as err:  # the gguf reader's own
+        raise ConfigError(f"model file {gguf_path} is not a readable GGUF file",
+                          why=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (a file cut "
+                              f"short, {gguf_path.stat().st_size} bytes, or not GGUF)",
+                          fix="copy or download the .gguf file again") from None
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     (target / ".complete").write_text(str(gguf_path))
@@ -124,6 +151,10 @@ def load_config(source: str):
 
     try:
         return AutoConfig.from_pretrained(resolve_model_source(source))
+    except ValueError as err:  # a model_type transformers does not know, or one that needs the model's own code
+        raise ConfigError(f"cannot load the model config of {source!r}", why=str(err).splitlines()[0],
+                          fix="pick a model whose architecture this transformers version ships (raydpo never runs "
+                              "a model's own code: trust_remote_code stays off)") from None
     except OSError as err:
         raise ConfigError(f"cannot load the model config of {source!r}", why=str(err).splitlines()[0],
                           fix="give a local folder, a .gguf file, an s3:// folder, a reachable hub id, "
@@ -150,20 +181,22 @@ def dropout_overrides(config, dropouts: dict[str, float]) -> dict[str, float]:
 def load_causal_lm(source: str, *, dtype=None, config_overrides: dict | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=dtype,
+    return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=dtype, use_safetensors=True,
                                                 **(config_overrides or {}))
 
 
-def lora_config(lora: dict, model_type: str | None = None):
+def lora_config(lora: LoraTuning, model_type: str | None = None):
+    """peft's LoraConfig from the recipe's training_config.model.peft.lora_tuning."""
     from peft import LoraConfig
 
-    targets = lora["target_modules"]
-    return LoraConfig(r=lora["adapter_dim"], lora_alpha=lora["alpha"], lora_dropout=lora["adapter_dropout"],
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return LoraConfig(r=lora.adapter_dim, lora_alpha=lora.alpha, lora_dropout=lora.adapter_dropout,
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
 
 
-def load_trained(model_dir: str, *, dtype=None):
-    """A run's model/ folder for inference: a full model, or a LoRA adapter on its base."""
+def load_trained(model_dir: str, *, dtype=None, load_kwargs: dict | None = None):
+    """A run's model/ folder for inference: a full model, or a LoRA adapter on its base. load_kwargs: more
+    from_pretrained arguments for the (base) model, e.g. a device_map (core/sharding.py)."""
     path = Path(resolve_model_source(model_dir)) if not str(model_dir).startswith("s3://") else \
         Path(download_model(model_dir))
     if (path / "adapter_config.json").exists():
@@ -173,5 +206,5 @@ def load_trained(model_dir: str, *, dtype=None):
 
         # the base goes through resolve_model_source too, so s3://, .gguf and the offline SmolLM2 bases load
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype), str(path))
-    return load_causal_lm(str(path), dtype=dtype)
+        return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, config_overrides=load_kwargs), str(path))
+    return load_causal_lm(str(path), dtype=dtype, config_overrides=load_kwargs)

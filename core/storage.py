@@ -61,10 +61,27 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith(FILE)
 
 
+def check_uri(uri: str, *, output: bool = False) -> str | None:
+    """What is wrong with a data or output location, or None. An s3:// URI needs a bucket ("s3://" alone or
+    "s3:///x" would otherwise become a local folder "./s3:" or a request for no bucket); an output path that climbs
+    out with ".." lands somewhere nobody meant (../../../../etc is /etc)."""
+    uri = str(uri)
+    if uri.startswith(S3):
+        bucket = uri[len(S3):].split("/", 1)[0]
+        if not bucket:
+            return f"{uri!r} names no bucket; write s3://BUCKET/prefix"
+    elif output and ".." in Path(uri.removeprefix(FILE)).parts:
+        return f"{uri!r} climbs out of its folder with '..'; write the output folder as an absolute path without '..'"
+    return None
+
+
 def filesystem_for(uri: str):
     """(fsspec filesystem, path inside it). One S3 filesystem per process and AWS environment."""
     uri = str(uri)
     if uri.startswith(S3):
+        if (problem := check_uri(uri)) is not None:
+            raise StorageError(f"{uri}: not an S3 location", why=problem,
+                               fix="give s3://BUCKET/prefix (the bucket is the first part after s3://)")
         return _s3_filesystem(), uri[len(S3):]
     if is_remote(uri):
         scheme = uri.split("://", 1)[0]
@@ -403,3 +420,34 @@ def _find_with_prefix(fs, path: str, remote: bool) -> list[str]:
             raise
         return []
     return [f for f in found if f.startswith(path)]
+
+
+def download_dir_once(uri: str, target: Path, *, marker: str = ".complete",
+                      retry: RetryPolicy = DEFAULT_RETRY) -> Path:
+    """uri's files in `target`, downloaded by one process of the machine at a time and made visible whole.
+
+    Several workers of a node share one cache folder: each takes the folder's file lock (flock on <target>.lock; it
+    is released when a process dies), finds the folder complete or downloads into a fresh temporary folder beside
+    it, writes `marker` there, and renames it to `target` (one rename(2): readers see no folder or the complete
+    one, never a half-written safetensors file). Whoever waited on the lock then finds the folder complete."""
+    import fcntl
+    import shutil
+
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / (target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the with block closes the file
+        if (target / marker).exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            download_dir(uri, str(staging), retry=retry)
+            (staging / marker).write_text(uri)
+            if target.exists():  # an incomplete folder of an older raydpo that wrote in place
+                shutil.rmtree(target)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -29,6 +29,36 @@ class TrackerWarning(UserWarning):
     pass
 
 
+# A password in a URI's user info (https://user:PASSWORD@host), and secret-looking query values (?token=...).
+USERINFO_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/@:\s]*):(?P<secret>[^/@\s]+)@")
+SECRET_QUERY = re.compile(r"(?i)(?P<head>[?&;](?:token|access_token|api_key|apikey|key|password|passwd|secret|"
+                          r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)(?P<secret>[^&#\s]+)")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """text with the passwords of URIs and secret query values replaced by ***; the rest (host, path) stays, so
+    that a message still says which server it is about."""
+    text = USERINFO_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", str(text))
+    return SECRET_QUERY.sub(lambda m: f"{m['head']}{REDACTED}", text)
+
+
+def without_credentials(text: str) -> str:
+    """URIs with their user info (user:password@) removed: for a copy that must work without the password, which
+    then comes from the environment (MLflow reads MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+    return USERINFO_PASSWORD.sub(lambda m: m["head"].rsplit("://", 1)[0] + "://", str(text))
+
+
+def redacted(tree, redact=redact):
+    """A copy of a recipe-shaped tree (dicts, lists, strings) with every string redacted (or passed through
+    another function of a string, e.g. without_credentials)."""
+    if isinstance(tree, dict):
+        return {k: redacted(v, redact) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(redacted(v, redact) for v in tree)
+    return redact(tree) if isinstance(tree, str) else tree
+
+
 @dataclass
 class Trackers:
     """What open_trackers returns; pass it to log_metrics, log_params and close."""
@@ -90,7 +120,7 @@ def mlflow_settings(run_dir: Path, recipe: dict, kind: str) -> tuple[str, str, s
 def _warn_once(handle: Trackers, topic: str, message: str) -> None:
     if topic not in handle.warned:
         handle.warned.add(topic)
-        warnings.warn(message, TrackerWarning, stacklevel=3)
+        warnings.warn(redact(message), TrackerWarning, stacklevel=3)  # an MLflow URI may carry a password
 
 
 def _http_reachable(uri: str, timeout_s: float = 5.0) -> bool:
@@ -182,7 +212,7 @@ def param_rows(params: dict) -> dict[str, str]:
     """Nested params -> {mlflow key: string value}, values cut to MLflow's length limit."""
     rows = {}
     for name, value in flatten(params).items():
-        text = "null" if value is None else str(value)
+        text = "null" if value is None else redact(str(value))  # params are shown to whoever reads MLflow
         rows[mlflow_key(name)] = text[:MLFLOW_PARAM_VALUE_MAX]
     return rows
 

@@ -224,7 +224,8 @@ def read_qa_rows(path: str, *, fmt: str = "auto", key_map: dict | None = None,
     A preference row in any training format becomes a row whose reference is its chosen answer.
     """
     from core import storage
-    from core.data.formats import data_files, iter_raw_rows, parse_line
+    from core.data.formats import parse_line
+    from core.data.raw_rows import data_files, iter_raw_rows
 
     rows, bad, file_format = [], [], {}
     for file in data_files([path]):

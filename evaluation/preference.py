@@ -150,7 +150,8 @@ def score_pairs(records: list[dict], model_source: str, reference: str | None, s
 def read_pairs(path: str, *, fmt: str = "auto", key_map: dict | None = None,
                max_rows: int | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
     """(canonical records, bad rows [(file:line, reason)]) of held-out preference pairs in any training format."""
-    from core.data.formats import data_files, parsed_rows
+    from core.data.formats import parsed_rows
+    from core.data.raw_rows import data_files
 
     records, bad = [], []
     for record, reason, source, _ in parsed_rows(data_files([path]), fmt, key_map):

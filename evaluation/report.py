@@ -226,6 +226,13 @@ def _key_value_table(data: dict) -> str:
     return md_table(["key", "value"], [[k, fmt_value(v)] for k, v in flatten(data).items()])
 
 
+def folded_text(summary: str, text: str) -> str:
+    """Raw text folded away, HTML-escaped in a <pre>: nothing in it (a ``` that would close a markdown fence, a
+    tag) can become markup, in report.md on GitHub or in report.html."""
+    return (f"<details><summary>{html.escape(summary)}</summary>\n<pre><code>{html.escape(text.rstrip())}"
+            "</code></pre>\n</details>")
+
+
 def recipe_section(run: Path) -> str:
     path = run / "recipe.yaml"
     if not path.exists():
@@ -236,11 +243,12 @@ def recipe_section(run: Path) -> str:
     try:
         recipe = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        return f"## Recipe\n\n_recipe.yaml is not valid YAML ({err}); shown as is:_\n\n```yaml\n{text}\n```"
+        return (f"## Recipe\n\n_recipe.yaml is not valid YAML ({md_cell(err)}); shown as is:_\n\n"
+                + folded_text("recipe.yaml", text))
     flat = flatten(recipe) if isinstance(recipe, dict) else {}
     highlights = [[k, fmt_value(flat[k])] for k in RECIPE_HIGHLIGHTS if k in flat]
     table = md_table(["setting", "value"], highlights) + "\n\n" if highlights else ""
-    return f"## Recipe\n\n{table}Resolved recipe:\n\n```yaml\n{text.rstrip()}\n```"
+    return f"## Recipe\n\n{table}" + folded_text("The resolved recipe (recipe.yaml)", text)
 
 
 def data_section(run: Path) -> str:
@@ -262,14 +270,62 @@ def data_section(run: Path) -> str:
     return "\n\n".join(parts)
 
 
-def summary_section(run: Path) -> str:
+def headline_section(run: Path) -> str:
+    """What a reader opens the report for: how far training got, where loss and reward accuracy ended, the speed,
+    and base vs tuned in each evaluation."""
+    parts = ["## Outcome"]
+    summary = _load_json(run / "summary.json", parts) if (run / "summary.json").exists() else None
+    summary = summary if isinstance(summary, dict) else {}
+    rows_file = run / "metrics.jsonl"
+    rows = read_jsonl(rows_file)[0] if rows_file.exists() else []
+    last = last_rows(rows)
+    train = summary.get("final_train") if isinstance(summary.get("final_train"), dict) else last.get("train", {})
+    validation = summary.get("final_validation") if isinstance(summary.get("final_validation"), dict) \
+        else last.get("validation", {})
+    figures = []
+    if is_number(summary.get("steps")):
+        planned = f" of {summary['planned_steps']}" if is_number(summary.get("planned_steps")) else ""
+        took = f" in {summary['wall_s'] / 60:.1f} min" if is_number(summary.get("wall_s")) else ""
+        figures.append(["trained", f"{summary['steps']}{planned} optimizer steps{took}"])
+    if is_number(summary.get("train_pairs")):
+        figures.append(["training pairs", f"{summary['train_pairs']} pairs"])
+    for split, row in (("train", train), ("validation", validation)):
+        if is_number((row or {}).get("loss")):
+            figures.append([f"final {split} loss", fmt_number(row["loss"])])
+        if is_number((row or {}).get("rewards/accuracies")):
+            figures.append([f"final {split} reward accuracy", f"{row['rewards/accuracies'] * 100:.1f}% of pairs"])
+        if is_number((row or {}).get("rewards/margins")):
+            figures.append([f"final {split} reward margin", f"{fmt_number(row['rewards/margins'])} (beta x "
+                                                            "log-ratio, chosen - rejected)"])
+    speeds = [r["tokens_per_s"] for r in rows
+              if r.get("split", "train") == "train" and is_number(r.get("tokens_per_s"))]
+    if speeds:
+        figures.append(["throughput", f"{sum(speeds) / len(speeds):.0f} tokens/s (mean over logged steps)"])
+    for name, result in eval_results(run, []):
+        labels = list(result["models"])
+        if len(labels) < 2:
+            continue
+        base, tuned = labels[0], labels[1]
+        for metric, value in sorted(result["models"][tuned]["metrics"].items())[:3]:
+            before = result["models"][base]["metrics"].get(metric)
+            if is_number(value) and is_number(before) and not metric.endswith(CI_SUFFIXES):
+                figures.append([f"{result.get('task', name)}: {metric}",
+                                f"{fmt_number(before)} ({base}) -> {fmt_number(value)} ({tuned})"])
+    parts.append(md_table(["figure", "value"], figures) if figures else
+                 "_Nothing to show yet: no summary.json, metrics.jsonl or evaluation results in the run folder._")
+    return "\n\n".join(parts)
+
+
+def details_section(run: Path) -> str:
+    """summary.json in full (the plan's internals among it), folded: for whoever debugs the run."""
     path = run / "summary.json"
     if not path.exists():
-        return "## Summary\n\n_No summary.json yet: the run has not finished._"
-    parts = ["## Summary"]
+        return "## Run details\n\n_No summary.json yet: the run has not finished._"
+    parts = ["## Run details"]
     data = _load_json(path, parts)
     if isinstance(data, dict) and data:
-        parts.append(_key_value_table(data))
+        parts.append('<details markdown="1"><summary>Everything in summary.json, the run plan included'
+                     "</summary>\n\n" + _key_value_table(data) + "\n\n</details>")
     return "\n\n".join(parts)
 
 
@@ -341,7 +397,7 @@ def eval_result_markdown(result: dict, name: str, chart: str | None) -> str:
     parts.append(md_table(*eval_table(result)))
     paths = [[label, entry.get("path")] for label, entry in result["models"].items() if entry.get("path")]
     if paths:
-        parts.append("Models: " + "; ".join(f"{md_cell(label)} = `{path}`" for label, path in paths))
+        parts.append("Models: " + "; ".join(f"{md_cell(label)} = {md_cell(path)}" for label, path in paths))
     data = result.get("data")
     if isinstance(data, dict):
         parts.append("Data: " + ", ".join(f"{md_cell(k)} {md_cell(fmt_value(v))}" for k, v in data.items()
@@ -419,8 +475,9 @@ def run_name(run: Path) -> str:
 def build_markdown(run: Path, source: str) -> str:
     """The report as markdown, making the plots under run/plots/ on the way."""
     title = f"# raydpo report: {md_cell(run_name(run))}\n\nRun: `{source}`"
-    sections = [title, summary_section(run), recipe_section(run), data_section(run), training_section(run),
-                eval_section(run)]
+    # the outcome first (figures, base vs tuned, curves), then what went in, the internals last and folded
+    sections = [title, headline_section(run), eval_section(run), training_section(run), data_section(run),
+                recipe_section(run), details_section(run)]
     return "\n\n".join(sections) + "\n"
 
 
@@ -452,6 +509,7 @@ th {{ background: #f6f8fa; }}
 img {{ max-width: 100%; height: auto; display: block; margin: .5em 0 1.2em; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: .85em; border-radius: 6px; }}
 em {{ color: #656d76; }}
+summary {{ cursor: pointer; color: #0969da; }}
 </style>
 </head>
 <body>
@@ -479,7 +537,7 @@ def write_report(run_dir, *, source: str | None = None) -> tuple[Path, Path] | t
     text = build_markdown(run, source or str(run))
     md_path, html_path = run / "report.md", run / "report.html"
     md_path.write_text(text, encoding="utf-8")
-    body = embed_images(markdown.markdown(text, extensions=["tables", "fenced_code"]), run)
+    body = embed_images(markdown.markdown(text, extensions=["tables", "fenced_code", "md_in_html"]), run)
     html_path.write_text(HTML_PAGE.format(title=html.escape(f"raydpo report: {run_name(run)}"), body=body),
                          encoding="utf-8")
     return md_path, html_path

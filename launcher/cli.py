@@ -23,6 +23,9 @@ COMMANDS = {
     "launch": ("launcher.commands.launch", "bring a cluster up with `ray up`, run the recipe, bring it down"),
     "k8s": ("launcher.commands.k8s", "render KubeRay manifests for a recipe"),
     "plan": ("launcher.commands.plan", "estimate per-GPU memory for a recipe under ZeRO-3"),
+    "serve": ("launcher.commands.serve", "serve runs or models: OpenAI-compatible API and chat page on Ray Serve"),
+    "generate": ("launcher.commands.generate", "answer a JSONL of prompts with Ray Data (batch generation)"),
+    "collect": ("launcher.commands.collect", "collect human preferences: candidates, Label Studio, pairs"),
     "demo": ("launcher.commands.demo", "the main job: train SmolLM2 on generated data and compare base and tuned"),
 }
 

@@ -8,6 +8,7 @@ each line of the explanation says "pai.key=value -> dotted.path=value".
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, NamedTuple
 
 from launcher.overrides import Problem, parse_value, show
@@ -84,9 +85,17 @@ def translate_pai(raw: dict, replicas: int | None = None) -> tuple[dict, list[st
     return result.nova, result.explanation
 
 
-def translate_pai_collect(raw: dict, replicas: int | None = None) -> Translation:
+def run_name_from(stem: str) -> str | None:
+    """A run name (a Kubernetes name) made from a file's stem: "DPO_Qwen2.5 hyperparams" -> "dpo-qwen2-5-hyperparams";
+    None when nothing usable is left."""
+    name = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:63].strip("-")
+    return name or None
+
+
+def translate_pai_collect(raw: dict, replicas: int | None = None, source_stem: str | None = None) -> Translation:
     """As translate_pai, returning the problems instead of raising. `replicas` (from --replicas) wins over
-    the file's `replicas` key, so that the per-device batch keeps its PAI meaning."""
+    the file's `replicas` key, so that the per-device batch keeps its PAI meaning. source_stem: the file's name
+    without its suffix; PAI's job carries the run's name, its hyperparameter file has none, so the stem names it."""
     values = {k: _read(k, v) for k, v in raw.items()}
     nova: dict = {}
     lines: list[str] = []
@@ -119,6 +128,10 @@ def translate_pai_collect(raw: dict, replicas: int | None = None) -> Translation
     for key, path in DIRECT.items():
         if key in raw:
             put(path, values[key], f"pai.{key}")
+        elif key == "name" and source_stem and run_name_from(source_stem):
+            derived = run_name_from(source_stem)
+            put(path, derived, "pai.name", f"pai.name not given -> run.name={show(derived)} (the file's name; PAI's "
+                                           "job names the run, its hyperparameter file does not)")
         else:
             origins[path] = f"pai.{key}"  # a required key left out is reported under its PAI name too
 

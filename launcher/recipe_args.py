@@ -41,7 +41,7 @@ def parse_rest(args: argparse.Namespace) -> argparse.Namespace:
     rest = rest_parser.parse_intermixed_args(args.rest or [])
     merged = vars(args).copy()
     for key, value in vars(rest).items():
-        if value not in (None, False) or key not in merged:
+        if (value is not None and value is not False) or key not in merged:  # `in (None, False)` drops 0 (0 == False)
             merged[key] = value
     if merged.get("overrides_json") and merged["overrides_json"].startswith("@"):
         merged["overrides_json"] = _read_text(merged["overrides_json"][1:])

@@ -3,7 +3,7 @@
 Layout of one checkpoint (a folder Ray Train names checkpoint_<time> under <run>/ray_train/):
   state/...                 DeepSpeed's files: each rank's ZeRO-3 partition of the trainable weights, optimizer
                             and scheduler (LoRA: the adapters only; the frozen base comes from the model source)
-  rng_rank<r>.pt            each rank's Python, NumPy and torch RNG state
+  rng_rank<r>.json          each rank's Python, NumPy, torch and CUDA RNG state, as JSON (nothing unpickled)
   raydpo_state.json         (rank 0) step, epoch, micro-batches consumed this epoch, samples consumed, world size,
                             and the plan the data position depends on
   complete_rank<r>.json     each rank's files with their sizes, uploaded after all of them: the completeness marker
@@ -18,8 +18,10 @@ written. Each file is retried on transient errors; a permanent one becomes a Sto
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -34,6 +36,7 @@ import torch
 
 from core import storage
 from core.errors import ConfigError, StorageError
+from training.plan import RunPlan
 
 TAG = "state"
 STATE_FILE = "raydpo_state.json"
@@ -49,7 +52,7 @@ def marker_name(rank: int) -> str:
 
 
 def rng_name(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
+    return f"rng_rank{rank}.json"
 
 
 # ---------------------------------------------------------------- pure arithmetic
@@ -78,8 +81,8 @@ def restarts(events: list[int | None], resumed_from: int = 0) -> list[dict]:
     return found
 
 
-def plan_fingerprint(plan: dict, seed: int) -> dict:
-    return {k: plan[k] for k in PLAN_KEYS if k != "seed"} | {"seed": seed}
+def plan_fingerprint(plan: RunPlan, seed: int) -> dict:
+    return {k: getattr(plan, k) for k in PLAN_KEYS if k != "seed"} | {"seed": seed}
 
 
 def plan_mismatches(saved: dict, current: dict) -> list[str]:
@@ -111,15 +114,15 @@ def newest_written_since(ray_train_uri: str, names_at_start: list[str]) -> str |
 
 # ---------------------------------------------------------------- worker side: save
 
-def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int, plan: dict, seed: int,
+def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int, plan: RunPlan, seed: int,
                      lora: bool, rows: list[dict] = ()) -> None:
     """Writes this rank's part of a checkpoint into a local folder, its completeness marker last. rows: the metrics
     rows since the previous checkpoint, replayed to the driver after a restart (it may never have received them)."""
     engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=lora)  # collective; LoRA: adapters only
-    torch.save(rng_state(), Path(folder) / rng_name(rank))
+    (Path(folder) / rng_name(rank)).write_text(json.dumps(rng_state()))
     if rank == 0:
         saved = state | {"samples_consumed": samples_consumed(state["epoch"], state["micro_in_epoch"],
-                                                              plan["micro_steps_per_epoch"], plan["micro_batch"],
+                                                              plan.micro_steps_per_epoch, plan.micro_batch,
                                                               world),
                          "world_size": world, "lora": lora, "plan": plan_fingerprint(plan, seed),
                          "rows": list(rows)}
@@ -129,7 +132,7 @@ def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int,
     (Path(folder) / marker_name(rank)).write_text(json.dumps({"rank": rank, "files": listing}))
 
 
-def save_and_report(engine, state: dict, reports: list[dict], *, rank: int, world: int, plan: dict, seed: int,
+def save_and_report(engine, state: dict, reports: list[dict], *, rank: int, world: int, plan: RunPlan, seed: int,
                     lora: bool, unsaved_rows: list[dict] = ()) -> None:
     """Saves a checkpoint and reports it with this step's metrics; the upload runs while training goes on.
     unsaved_rows: the rows reported since the previous checkpoint, kept in this one with this step's."""
@@ -142,12 +145,12 @@ def save_and_report(engine, state: dict, reports: list[dict], *, rank: int, worl
                      checkpoint=ray.train.Checkpoint.from_directory(folder),
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                      delete_local_checkpoint_after_upload=True,
-                     checkpoint_upload_fn=partial(upload_checkpoint, run_uri=plan["run_uri"]))
+                     checkpoint_upload_fn=partial(upload_checkpoint, run_uri=plan.run_uri))
 
 
-def report(metrics: dict) -> None:
-    """Metrics without a checkpoint. ASYNC too: Ray keeps reports in order, and a synchronous report would wait for
-    a checkpoint upload still in flight."""
+def send_metrics(metrics: dict) -> None:
+    """Metrics to the driver, without a checkpoint. ASYNC too: Ray keeps reports in order, and a synchronous report
+    would wait for a checkpoint upload still in flight."""
     import ray.train
 
     ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
@@ -178,7 +181,7 @@ def upload_folder(local_dir: str, uri: str, *, retry: storage.RetryPolicy = stor
 
 # ---------------------------------------------------------------- worker side: restore
 
-def checkpoint_to_resume(plan: dict, rank: int) -> str | None:
+def checkpoint_to_resume(plan: RunPlan, rank: int) -> str | None:
     """The checkpoint every worker starts from (see checkpoint_to_restore); None: from scratch. A collective: rank
     0 lists, the others receive its choice."""
     import ray.train
@@ -186,24 +189,27 @@ def checkpoint_to_resume(plan: dict, rank: int) -> str | None:
 
     handed = ray.train.get_checkpoint()
     # rank 0 lists, every rank loads the same one: a listing per rank could differ while uploads land
-    newest = [newest_written_since(plan["ray_train_uri"], plan["checkpoints_at_start"]) if rank == 0 else None]
+    newest = [newest_written_since(plan.ray_train_uri, plan.resume.checkpoints_at_start) if rank == 0 else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(newest, src=0)
     chosen = checkpoint_to_restore(Path(handed.path).name if handed else None,
-                                   storage.uri_for(handed.path, plan["run_uri"]) if handed else None,
-                                   plan.get("ray_checkpoint_at_start"), plan.get("resume_from"), newest[0])
+                                   storage.uri_for(handed.path, plan.run_uri) if handed else None,
+                                   plan.resume.ray_checkpoint_at_start, plan.resume.checkpoint, newest[0])
     return chosen
 
 
 def restore(engine, uri: str, rank: int) -> dict:
     """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state."""
     with local_copy(uri, rank) as folder:
+        engine.checkpoint_engine.load = partial(load_tensors_only, uri=uri)  # DeepSpeed's own load unpickles
         engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=False)  # LoRA checkpoints hold no frozen base weights
         saved = json.loads((Path(folder) / STATE_FILE).read_text())
         rng_file = Path(folder) / rng_name(rank)
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(json.loads(rng_file.read_text()))
+        else:  # a checkpoint written before RNG went to JSON (rng_rank<r>.pt) is never unpickled
+            print(f"raydpo: {uri} has no {rng_name(rank)}: the random state starts from the seed", flush=True)
     return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")} | {"rows": saved.get("rows", [])}
 
 
@@ -234,14 +240,61 @@ def files_for_rank(names: list[str], rank: int) -> list[str]:
     return sorted(n for n in names if (m := RANK_FILE.search(n)) is None or int(m.group(1)) == rank)
 
 
+def deepspeed_safe_globals() -> list:
+    """The non-tensor objects DeepSpeed's ZeRO optimizer states hold (checked on a saved ZeRO-3 checkpoint): plain
+    enum and loss-scaler records. Everything else in a checkpoint must be tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def load_tensors_only(path: str, map_location=None, *, uri: str = ""):
+    """DeepSpeed's checkpoint-engine load with weights_only=True: a file planted in the checkpoint store cannot run
+    code on the workers; one that holds anything else is refused, naming it."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StorageError(f"checkpoint file {uri.rstrip('/')}/{Path(path).parent.name}/{Path(path).name} holds "
+                           "objects other than tensors", why=f"it is not loaded with unpickling ({first_line(err)})",
+                           fix="resume from a checkpoint raydpo wrote (--resume-from), and check who can write to "
+                               "the checkpoint store") from None
+
+
+def first_line(err: BaseException) -> str:
+    lines = [x for x in str(err).splitlines() if "GLOBAL" in x or "WeightsUnpickler" in x]
+    return (lines or str(err).splitlines() or [type(err).__name__])[0].strip()[:200]
+
+
+def _b64(tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _tensor(text: str):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a worker draws from, in JSON: Python's, NumPy's (MT19937 keys), torch's and each CUDA device's."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def set_rng_state(saved: dict) -> None:
-    random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
-    torch.set_rng_state(saved["torch"])
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor(saved["torch"]))
+    if saved.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_tensor(s) for s in saved["cuda"]][:torch.cuda.device_count()])
 
 
 # ---------------------------------------------------------------- driver side: find, check
@@ -327,7 +380,7 @@ def resume_point(ray_train_uri: str, explicit: str | None) -> dict:
     return {"uri": found[0] if found else None, "state": found[1] if found else None, "ray_latest": ray_latest}
 
 
-def check_resumable(saved: dict, plan: dict, seed: int, uri: str) -> None:
+def check_resumable(saved: dict, plan: RunPlan, seed: int, uri: str) -> None:
     """ConfigError when the checkpoint cannot continue under this plan (replica count, batch split, data)."""
     current = plan_fingerprint(plan, seed)
     problems = plan_mismatches(saved.get("plan", {}), current)
@@ -385,7 +438,10 @@ def finished_run(run_uri: str, recipe: dict, resume_from: str | None) -> dict | 
         storage.remove(f"{run_uri}/manifest.json")  # the folder is being rewritten: no longer a finished run
         return None
     saved = yaml.safe_load(storage.read_bytes(f"{run_uri}/recipe.yaml"))
-    changed = recipe_differences(saved, yaml.safe_load(yaml.safe_dump(recipe, sort_keys=False)))
+    from core.tracking import redacted
+
+    # recipe.yaml is written redacted (no passwords): compare it with this recipe redacted alike
+    changed = recipe_differences(saved, yaml.safe_load(yaml.safe_dump(redacted(recipe), sort_keys=False)))
     if changed:
         raise ConfigError(f"{run_uri} already holds a finished run of another recipe", problems=changed,
                           why="run.name names one run: its outputs and checkpoints belong to the recipe that "

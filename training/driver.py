@@ -1,6 +1,7 @@
-"""The driver side of a training run: check the data, plan, run the Ray Train job, write the run's outputs.
+"""The driver side of a training run: check the data, plan once, run the Ray Train job, write the run's outputs.
 
-Called by `raydpo train` inside a Ray session. Takes the resolved recipe as a plain dict.
+Called by `raydpo train` inside a Ray session, with the frozen Recipe and where the workers go (the launcher asks
+cluster/placement.py). Builds one frozen RunPlan (training/plan.py) and hands both objects to the workers.
 """
 from __future__ import annotations
 
@@ -13,50 +14,66 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import ray.util.queue
 import yaml
 
-from training import checkpoint as ckpt
 from core import storage, tracking
+from core.config import Recipe, as_dict, run_uri
 from core.data import pipeline
+from core.data.formats import parse_line
+from core.data.raw_rows import iter_raw_rows
+from core.data.tokenize import tokenize_record
 from core.errors import DataError, RaydpoError
 from core.manifest import write_manifest
-from training.trainer import (RAY_TRAIN_DIR, ProgressCallback, build_trainer, format_progress, format_validation,
-                              plan_run, run_uri)
+from core.models import load_tokenizer
+from training import checkpoint as ckpt
+from training import ds_config, failures
+from training.plan import RAY_TRAIN_DIR, ResumeAt, RunPlan, build_run_plan
+from training.trainer import ProgressCallback, build_trainer, format_progress, format_validation
 
 PROBE_PAIRS = 4
 METRIC_KEYS = ("step", "epoch", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-               "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s",
+               "rewards/margins", "logps/chosen", "logps/rejected", "lr", "lr_groups", "grad_norm", "tokens_per_s",
                "padding_waste", "real_tokens", "elapsed_s")
 
 
-def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False, gpus_per_node: int = 1,
-               placement_strategy: str = "PACK", resume_from: str | None = None,
-               plan_overrides: dict | None = None) -> dict:
-    """plan_overrides: plan keys to replace (benchmarks/vs_trl.py turns the optimisations off with it)."""
-    tc = recipe["training_config"]
-    data_cfg = tc["data"]
+def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, use_gpu: bool = False,
+                 placement_strategy: str = "PACK", resume_from: str | None = None,
+                 plan_overrides: dict | None = None,
+                 before_manifest: Callable[[str], None] | None = None) -> dict:
+    """Trains the recipe and writes the run's outputs; returns summary.json's content.
+
+    workers, use_gpu, placement_strategy: from cluster/placement.py. plan_overrides: plan fields to replace
+    (benchmarks/vs_trl.py turns the optimisations off with it). before_manifest(run_uri): the caller's last
+    outputs (the launcher's report), written before the manifest lists every artifact.
+    """
+    tc = recipe.training_config
+    data_cfg = tc.data
+    # a batch split the workers cannot share is a ConfigError now, not after the data check (the plan repeats it)
+    ds_config.batch_plan(tc.global_batch_size, workers, tc.micro_batch_size, replicas=recipe.run.replicas)
     uri = run_uri(recipe)
-    finished = ckpt.finished_run(uri, recipe, resume_from)  # a rerun of a finished run (a job retry): nothing to do
+    recipe_tree = as_dict(recipe)
+    finished = ckpt.finished_run(uri, recipe_tree, resume_from)  # a rerun of a finished run: nothing to do
     if finished is not None:
-        say(f"run {recipe['run']['name']} is already complete at {uri} (manifest.json): nothing to train")
+        say(f"run {recipe.run.name} is already complete at {uri} (manifest.json): nothing to train")
         return finished
     # local outputs are written in place (MLflow's file store records absolute paths); remote ones staged, uploaded
     staging = Path(tempfile.mkdtemp(prefix="raydpo-run-")) if storage.is_remote(uri) else Path(uri)
     staging.mkdir(parents=True, exist_ok=True)
 
     # ---- data: every file listed, every row parsed once, bad rows reported before any training starts
-    train_files = storage.list_data_files(recipe["run"]["data_s3_path"])
-    val_path = recipe["run"]["validation_data_s3_path"]
+    train_files = storage.list_data_files(recipe.run.data_s3_path)
+    val_path = recipe.run.validation_data_s3_path
     val_files = storage.list_data_files(val_path) if val_path else []
-    fraction = 0.0 if val_files else data_cfg["validation_fraction"]
+    fraction = 0.0 if val_files else data_cfg.validation_fraction
     say(f"checking data: {len(train_files)} training file(s), {len(val_files)} validation file(s)")
-    summary = pipeline.preflight(train_files, data_cfg, tc["seed"], fraction)
+    summary = pipeline.preflight(train_files, data_cfg, tc.seed, fraction)
     if val_files:
-        val_summary = pipeline.preflight(val_files, data_cfg, tc["seed"], 0.0)
+        val_summary = pipeline.preflight(val_files, data_cfg, tc.seed, 0.0)
         summary.validation_pairs = val_summary.train_pairs
         summary.bad_rows += val_summary.bad_rows
     write_jsonl(staging / "skipped_rows.jsonl", [{"source": s, "reason": r} for s, r in summary.bad_rows])
-    if summary.bad_rows and data_cfg["on_error"] == "fail":
+    if summary.bad_rows and data_cfg.on_error == "fail":
         shown = [f"{s}: {r}" for s, r in summary.bad_rows[:20]]
         more = len(summary.bad_rows) - len(shown)
         raise DataError(f"{len(summary.bad_rows)} bad row(s) in the training data",
@@ -68,59 +85,90 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
         say(f"skipping {len(summary.bad_rows)} bad row(s); listed in {uri}/skipped_rows.jsonl")
     say(f"data: {summary.train_pairs} training pairs, {summary.validation_pairs} validation pairs")
 
-    train_ds = pipeline.tokenized_dataset(train_files, recipe, "train", fraction)
-    datasets = {"train": train_ds}
-    if summary.validation_pairs:
-        datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0) if val_files
-                                  else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
-    probe = probe_pairs(train_files, recipe, fraction)
-    plan = plan_run(recipe, train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs,
-                    on_gpu=on_gpu, gpus_per_node=gpus_per_node, probe=probe) | (plan_overrides or {})
-    if plan["total_steps"] == 0:
-        raise DataError(f"{summary.train_pairs} training pairs make no full step of "
-                        f"global_batch_size={tc['global_batch_size']}",
-                        fix="add data or lower training_config.global_batch_size")
-    if "validation" in datasets and not plan["has_validation"]:
-        del datasets["validation"]
-    say(f"plan: {plan['workers']} worker(s) × micro batch {plan['micro_batch']} × accumulation {plan['accum']} = "
-        f"{tc['global_batch_size']} pairs per step, {plan['total_steps']} steps, reference: {plan['reference']}")
-    if plan["reference"] == "precompute":  # reference log-probs ahead of training, cached (training/reference.py)
-        from training.reference import file_fingerprints, precompute_reference
-
-        datasets, plan["reference_precompute"] = precompute_reference(
-            datasets, recipe, key_parts={"train": file_fingerprints(train_files), "validation":
-                                         file_fingerprints(val_files)},
-            on_gpu=on_gpu, actors=plan["workers"] if on_gpu else 1, chunk_size=plan["logprob_chunk"], say=say,
-            share_prompt=plan["share_prompt"])
-
     # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
-    resume = ckpt.resume_point(f"{uri}/{RAY_TRAIN_DIR}", resume_from)
-    plan |= {"resume_from": resume["uri"], "ray_checkpoint_at_start": resume["ray_latest"],
-             "ray_train_uri": f"{uri}/{RAY_TRAIN_DIR}", "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-             "checkpoints_at_start": ckpt.checkpoint_names(f"{uri}/{RAY_TRAIN_DIR}")}
+    ray_train_uri = f"{uri}/{RAY_TRAIN_DIR}"
+    resume = ckpt.resume_point(ray_train_uri, resume_from)
+    probe = probe_pairs(train_files, recipe, fraction)
+
+    # ---- the plan, once: nothing edits it afterwards
+    plan = build_run_plan(
+        recipe, workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+        train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs, probe=probe,
+        resume=ResumeAt(checkpoint=resume["uri"], ray_checkpoint_at_start=resume["ray_latest"],
+                        checkpoints_at_start=tuple(ckpt.checkpoint_names(ray_train_uri))),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), overrides=plan_overrides)
+    if plan.total_steps == 0:
+        raise DataError(f"{summary.train_pairs} training pairs make no full step of "
+                        f"global_batch_size={tc.global_batch_size}",
+                        fix="add data or lower training_config.global_batch_size")
     resumed_step = resume["state"]["step"] if resume["uri"] else 0
     if resume["uri"]:
-        ckpt.check_resumable(resume["state"], plan, tc["seed"], resume["uri"])
-        say(f"resuming from {resume['uri']}: step {resumed_step}/{plan['total_steps']}, "
+        ckpt.check_resumable(resume["state"], plan, tc.seed, resume["uri"])
+        say(f"resuming from {resume['uri']}: step {resumed_step}/{plan.total_steps}, "
             f"{resume['state']['samples_consumed']} pairs consumed")
+    say(f"plan: {plan.workers} worker(s) × micro batch {plan.micro_batch} × accumulation {plan.accum} = "
+        f"{tc.global_batch_size} pairs per step, {plan.total_steps} steps, reference: {plan.reference}")
+
+    datasets = {"train": pipeline.tokenized_dataset(train_files, recipe, "train", fraction)}
+    if plan.has_validation:
+        datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0) if val_files
+                                  else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
+    reference_stage = None
+    if plan.reference == "precompute":  # reference log-probs ahead of training, cached (training/reference.py)
+        from training.reference import file_fingerprints, precompute_reference  # loads torch and transformers
+
+        datasets, reference_stage = precompute_reference(
+            datasets, recipe, key_parts={"train": file_fingerprints(train_files), "validation":
+                                         file_fingerprints(val_files)},
+            on_gpu=plan.use_gpu, actors=plan.workers if plan.use_gpu else 1, chunk_size=plan.logprob_chunk,
+            say=say, share_prompt=plan.share_prompt)
     earlier_rows = ckpt.metrics_until(uri, resumed_step)  # the interrupted run's curve up to the checkpoint
 
-    # ---- train: the workers report every step; the driver prints and records
-    (staging / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    # ---- train: the workers report every log_every_n_steps steps; the driver prints and records
+    # redacted: an MLflow URI's password must not sit in the run folder, the report or its copies (core/tracking.py)
+    (staging / "recipe.yaml").write_text(yaml.safe_dump(tracking.redacted(recipe_tree), sort_keys=False))
     (staging / "data_summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
-    storage_fs, storage_path = storage.pyarrow_filesystem_for(uri)
-    import ray.util.queue
+    started = time.time()
+    metrics_rows, final, worker_failures, step_events, outcome = follow_training(
+        recipe, plan, datasets, staging=staging, uri=uri, earlier_rows=earlier_rows, say=say, started=started)
+    if "error" in outcome:  # Ray's own errors become a ClusterError naming rank, node, checkpoint, log (failures.py)
+        raise failures.user_error(outcome["error"], ray_train_uri=ray_train_uri, max_failures=tc.max_failures)
 
+    # ---- outputs: small files from the driver, the model from rank 0, the manifest last
+    train_rows = [r for r in metrics_rows if r["split"] == "train"]
+    result = {"run_uri": uri, "steps": final.get("step", 0), "planned_steps": plan.total_steps,
+              "wall_s": time.time() - started, "train_pairs": summary.train_pairs,
+              "final_train": train_rows[-1] if train_rows else None,
+              "final_validation": next((r for r in reversed(metrics_rows) if r["split"] == "validation"), None),
+              "plan": plan.summary() | {"reference_precompute": reference_stage},
+              "resumed_from": {"checkpoint": resume["uri"], "step": resumed_step} if resume["uri"] else None,
+              "worker_failures": worker_failures, "restarts": ckpt.restarts(step_events, resumed_step)}
+    (staging / "summary.json").write_text(json.dumps(result, indent=2))
+    (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
+    if storage.is_remote(uri):
+        storage.upload_dir(str(staging), uri)
+    if before_manifest is not None:
+        before_manifest(uri)
+    write_manifest(uri)
+    return result
+
+
+def follow_training(recipe: Recipe, plan: RunPlan, datasets: dict, *, staging: Path, uri: str,
+                    earlier_rows: list[dict], say, started: float):
+    """Runs the Ray Train job in a thread and records what the workers report: metrics.jsonl, the trackers, the
+    console. Returns (metrics rows, the final report, worker failures, train steps as reported with None where a
+    worker failure was, {"error": ...} when the job failed)."""
+    tc = recipe.training_config
+    storage_fs, storage_path = storage.pyarrow_filesystem_for(uri)
     progress = ray.util.queue.Queue()
     trainer = build_trainer(recipe, plan, datasets, storage_path=storage_path, storage_filesystem=storage_fs,
-                            callbacks=[ProgressCallback(progress)], placement_strategy=placement_strategy)
-    started = time.time()
+                            callbacks=[ProgressCallback(progress)])
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(fit(trainer)), daemon=True)
     runner.start()
     metrics_rows, final, worker_failures = list(earlier_rows), {}, 0
-    step_events: list[int | None] = []  # train steps as reported, None where a worker failure was
-    trackers = tracking.open_trackers(str(staging), recipe)
+    step_events: list[int | None] = []
+    trackers = tracking.open_trackers(str(staging), as_dict(recipe))
     with open(staging / "metrics.jsonl", "w") as metrics_file:
         metrics_file.writelines(json.dumps(row) + "\n" for row in earlier_rows)
         metrics_file.flush()
@@ -132,16 +180,16 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
             if "exception" in event:
                 worker_failures += 1
                 step_events.append(None)
-                restart = ("no restart left" if -1 < tc["max_failures"] < worker_failures else
+                restart = ("no restart left" if -1 < tc.max_failures < worker_failures else
                            "restarting from the last complete checkpoint")
-                say(f"worker failure {worker_failures} ({restart}; max_failures={tc['max_failures']}): "
-                    f"{list(event['exception'].values())[0][:300]}")
+                say(f"worker failure {worker_failures} ({restart}; max_failures={tc.max_failures}): "
+                    f"{failures.last_error_line(list(event['exception'].values())[0])}")
                 continue
             report = event["metrics"]
             replayed = bool(report.get("replayed"))  # rows from the checkpoint a restart went on from
             seen = {(r["split"], r["step"]) for r in metrics_rows} if replayed else set()
             for row in report.get("reports", []):
-                row = {k: row[k] for k in METRIC_KEYS if k in row} | {"total_steps": plan["total_steps"]}
+                row = {k: row[k] for k in METRIC_KEYS if k in row} | {"total_steps": plan.total_steps}
                 if (row["split"], row["step"]) in seen:
                     continue  # replayed, but it did arrive
                 metrics_file.write(json.dumps(row) + "\n")
@@ -160,59 +208,27 @@ def run_recipe(recipe: dict, *, say: Callable[[str], None], on_gpu: bool = False
                 final = report
     runner.join()
     tracking.close(trackers, status="FAILED" if "error" in outcome else "FINISHED")
-    if "error" in outcome:
-        raise outcome["error"]
-
-    # ---- outputs: small files from the driver, the model from rank 0, the manifest last
-    train_rows = [r for r in metrics_rows if r["split"] == "train"]
-    result = {"run_uri": uri, "steps": final.get("step", 0), "planned_steps": plan["total_steps"],
-              "wall_s": time.time() - started, "train_pairs": summary.train_pairs,
-              "final_train": train_rows[-1] if train_rows else None,
-              "final_validation": next((r for r in reversed(metrics_rows) if r["split"] == "validation"), None),
-              "plan": {k: v for k, v in plan.items() if k != "probe"},
-              "resumed_from": {"checkpoint": resume["uri"], "step": resumed_step} if resume["uri"] else None,
-              "worker_failures": worker_failures, "restarts": ckpt.restarts(step_events, resumed_step)}
-    (staging / "summary.json").write_text(json.dumps(result, indent=2))
-    (staging / "probe_logps.json").write_text(json.dumps({"pairs": probe, "logps": final.get("probe_logps")}))
-    if storage.is_remote(uri):
-        storage.upload_dir(str(staging), uri)
-    write_report_quietly(uri, say)
-    write_manifest(uri)
-    return result
+    return metrics_rows, final, worker_failures, step_events, outcome
 
 
-def probe_pairs(files: list[str], recipe: dict, fraction: float) -> dict:
+def probe_pairs(files: list[str], recipe: Recipe, fraction: float) -> dict:
     """The first few training pairs, tokenised here: the workers report their final log-probabilities on them so
     that a reloaded model can be checked against the trained one."""
-    from core.data.formats import iter_raw_rows, parse_line
-    from core.data.tokenize import tokenize_record
-    from core.models import load_tokenizer
-
-    tc = recipe["training_config"]
-    data_cfg = tc["data"]
-    tokenizer = load_tokenizer(recipe["run"]["model_name_or_path"])
+    tc = recipe.training_config
+    data_cfg = tc.data
+    tokenizer = load_tokenizer(recipe.run.model_name_or_path)
     pairs, detected = [], {}
     for path in files:
         for text, source in iter_raw_rows(path):
-            record, error = parse_line(text, source, data_cfg["format"], data_cfg["key_map"] or None, detected)
-            if error or pipeline.split_of(source, fraction, tc["seed"]) != "train":
+            record, error = parse_line(text, source, data_cfg.format, dict(data_cfg.key_map) or None, detected)
+            if error or pipeline.split_of(source, fraction, tc.seed) != "train":
                 continue
-            pairs.append(tokenize_record(record, tokenizer, max_length=tc["max_length"],
-                                         max_prompt_length=data_cfg["max_prompt_length"],
-                                         keep=data_cfg["prompt_truncation"], default_system=data_cfg["system_prompt"]))
+            pairs.append(tokenize_record(record, tokenizer, max_length=tc.max_length,
+                                         max_prompt_length=data_cfg.max_prompt_length,
+                                         keep=data_cfg.prompt_truncation, default_system=data_cfg.system_prompt))
             if len(pairs) == PROBE_PAIRS:
                 return {k: [p[k] for p in pairs] for k in pipeline.TOKEN_COLUMNS}
     return {k: [p[k] for p in pairs] for k in pipeline.TOKEN_COLUMNS}
-
-
-def write_report_quietly(run_uri: str, say) -> None:
-    from evaluation.report import write_report
-
-    try:
-        md, html = write_report(run_uri)
-        say(f"report: {html}")
-    except Exception as err:  # noqa: BLE001 - a report problem must not fail a finished training run
-        say(f"report not written: {err}")
 
 
 def fit(trainer) -> dict:

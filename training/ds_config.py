@@ -6,18 +6,35 @@ from __future__ import annotations
 
 import math
 
+from core.errors import ConfigError
 
-def batch_plan(global_batch_size: int, workers: int, micro_batch_size: int | None = None) -> tuple[int, int]:
+
+def batch_plan(global_batch_size: int, workers: int, micro_batch_size: int | None = None, *,
+               replicas: int | None = None) -> tuple[int, int]:
     """(micro batch per worker, gradient accumulation steps) with micro × accum × workers = global batch.
 
     Without a requested micro batch, the largest micro batch up to 4 pairs that divides the per-worker share: more
-    pairs per forward is faster until memory runs out, and 4 pairs of 1k tokens fit a small GPU.
+    pairs per forward is faster until memory runs out, and 4 pairs of 1k tokens fit a small GPU. A split that cannot
+    work is a ConfigError: the recipe check sees replicas, not workers (replicas x GPUs per node on GPU nodes).
     """
-    assert global_batch_size % workers == 0, "the recipe validation checks divisibility first"
+    where = f"{workers} workers" + (f" (run.replicas={replicas} × {workers // replicas} GPUs per node)"
+                                    if replicas and workers != replicas else "")
+    if global_batch_size % workers:
+        counts = ", ".join(map(str, dividing_worker_counts(global_batch_size)))
+        multiples = ", ".join(str(workers * k) for k in (1, 2, 4))
+        raise ConfigError(f"training_config.global_batch_size={global_batch_size} does not split over {where}",
+                          why="every worker trains the same number of pairs per step (micro batch × accumulation "
+                              "× workers = global_batch_size)",
+                          fix=f"set global_batch_size to a multiple of {workers} ({multiples}, ...), or run on a "
+                              f"worker count that divides {global_batch_size}: {counts}")
     per_worker = global_batch_size // workers
     if micro_batch_size is None:
         micro_batch_size = max(m for m in range(1, min(per_worker, 4) + 1) if per_worker % m == 0)
-    assert per_worker % micro_batch_size == 0, "the recipe validation checks the micro batch first"
+    if per_worker % micro_batch_size:
+        sizes = ", ".join(str(m) for m in range(1, per_worker + 1) if per_worker % m == 0)
+        raise ConfigError(f"training_config.micro_batch_size={micro_batch_size} does not divide the "
+                          f"{per_worker} pairs each of {where} trains per step",
+                          fix=f"set micro_batch_size to one of {sizes}, or null to let raydpo choose")
     return micro_batch_size, per_worker // micro_batch_size
 
 
@@ -65,8 +82,15 @@ def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: s
 
     ZeRO-3 keeps parameters under 10 x hidden_size whole on every worker (norms, biases: what transformers' "auto"
     does), and releases each gathered parameter right after its module ran: a reuse distance of 0 skips DeepSpeed's
-    scan of the upcoming modules on every release, which took most of a LoRA step's time with ~1,000 modules.
+    scan of the upcoming modules on every release, which took most of a LoRA step's time with ~1,000 modules (measured
+    on CPU only; on a GPU, where the scan overlaps with kernels, it is still unmeasured: benchmarks/gpu_check.py).
+
+    Gradients accumulate in fp32 (data_types.grad_accum_dtype): summing 8+ micro-batches in bf16 keeps 8 bits of
+    mantissa. DeepSpeed refuses bf16 with fp32 accumulation without ZeRO (stage 0 has no fp32 master weights either),
+    so a bf16 run asked for stage 0 gets stage 1 (engine_stage): on one worker it partitions nothing, and its bf16
+    optimizer keeps fp32 master weights and fp32 gradients.
     """
+    stage = engine_stage(stage, precision)
     config = {
         "train_batch_size": micro_batch * accum * workers,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -74,6 +98,7 @@ def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: s
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": precision == "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # our progress line reports; DeepSpeed's own goes nowhere
         "wall_clock_breakdown": False,
@@ -92,6 +117,11 @@ def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: s
     return config
 
 
+def engine_stage(stage: int, precision: str) -> int:
+    """The ZeRO stage DeepSpeed runs: 1 for bf16 without ZeRO (see deepspeed_config), else the one asked for."""
+    return 1 if stage == 0 and precision == "bf16" else stage
+
+
 def reference_config(config: dict) -> dict:
     """The frozen reference engine: same partitioning, no optimizer, no gradient settings that need one."""
     ref = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
@@ -100,7 +130,12 @@ def reference_config(config: dict) -> dict:
 
 
 def optimizer_choice(name: str, on_gpu: bool) -> str:
-    """distributed_fused_adam (Nova's name) is DeepSpeed's fused Adam on GPU; on CPU it needs CUDA, so torch AdamW."""
+    """distributed_fused_adam (Nova's name) is DeepSpeed's fused Adam on GPU; on CPU it needs CUDA, so torch AdamW.
+
+    Kept over torch.optim.AdamW(fused=True) (both one multi-tensor kernel per step; neither measured faster here, as
+    no GPU was at hand: benchmarks/gpu_check.py times both side by side) because it is the optimizer the name says
+    and the one ZeRO knows (no untested-optimizer path). Its JIT build at start-up is gone: the Dockerfile prebuilds
+    it (DS_BUILD_FUSED_ADAM=1)."""
     if name == "distributed_fused_adam" and on_gpu:
         return "fused_adam"
     return "torch_adamw"

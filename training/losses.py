@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from training.loss_rules import LENGTH_NORMALISED, LOSS_TYPES, label_smoothing_problem
 
 
 def _sigmoid(delta: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
@@ -49,10 +50,7 @@ LOSSES = {
     "robust": _robust,
     "sigmoid_norm": _sigmoid_norm,
 }
-# TRL divides each log-ratio by its own response length (clamped to >= 1) for these, before the difference.
-LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})
-# label_smoothing's meaning per loss type, as a half-open range [0, hi). TRL ignores it silently for the others.
-LABEL_SMOOTHING_LIMIT = {"sigmoid": 0.5, "robust": 0.5}
+assert tuple(LOSSES) == LOSS_TYPES, "one loss per name in training/loss_rules.py"
 
 
 def loss_config_problems(loss_type: str, beta: float, label_smoothing: float = 0.0, rpo_alpha=None) -> list[str]:
@@ -62,11 +60,9 @@ def loss_config_problems(loss_type: str, beta: float, label_smoothing: float = 0
         problems.append(f"loss_type {loss_type!r} is not one of {sorted(LOSSES)}")
     if not beta > 0:
         problems.append(f"beta must be > 0, got {beta}")
-    limit = LABEL_SMOOTHING_LIMIT.get(loss_type)
-    if limit is None and label_smoothing != 0 and loss_type in LOSSES:
-        problems.append(f"label_smoothing={label_smoothing} has no meaning for loss_type {loss_type!r}")
-    if limit is not None and not 0 <= label_smoothing < limit:
-        problems.append(f"label_smoothing must be in [0, {limit}) for loss_type {loss_type!r}, got {label_smoothing}")
+    smoothing = label_smoothing_problem(loss_type, label_smoothing)
+    if smoothing:
+        problems.append(f"label_smoothing {smoothing}")
     if rpo_alpha is not None and not rpo_alpha >= 0:
         problems.append(f"rpo_alpha must be >= 0 or null, got {rpo_alpha}")
     return problems

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.config import LoraTuning
+
 GB = 1024**3
 RUNTIME_OVERHEAD_BYTES = 1.5 * GB  # CUDA context, NCCL and allocator buffers: measured ~1-2 GB on recent drivers
 HEADROOM = 0.9  # plan to use at most 90% of a GPU: fragmentation and spikes
@@ -103,6 +105,22 @@ def estimate(model: ModelShape, run: RunShape) -> list[tuple[str, float]]:
     return lines + [("total", sum(b for _, b in lines))]
 
 
+def inference_stage(model: ModelShape, run: RunShape, gpu_memory_gb: float,
+                    tokens_per_forward: int = 8192) -> tuple[int, float]:
+    """(GPUs per actor, bytes per GPU) of an inference stage on its own GPUs, before or after training: the reference
+    stage (reference=precompute) and the evaluation generator. Weights in 16-bit split over as many GPUs as they need
+    (core/sharding.gpus_for_weights: device_map across one node's GPUs), plus one forward without gradients: one layer's
+    activations at a time and the response logits ([tokens, vocab] in the model dtype and an fp32 chunk), plus the
+    runtime. tokens_per_forward: training/reference.TOKENS_PER_FORWARD."""
+    from core.sharding import gpus_for_weights
+
+    weights = run.dtype_bytes * model.params
+    gpus = gpus_for_weights(weights, gpu_memory_gb * GB)
+    activations = tokens_per_forward * 34 * model.hidden * run.dtype_bytes / 2
+    logits = tokens_per_forward * model.vocab * run.dtype_bytes + run.logprob_chunk * model.vocab * 4
+    return gpus, weights / gpus + activations + logits + RUNTIME_OVERHEAD_BYTES
+
+
 def fits(total_bytes: float, gpu_memory_gb: float) -> bool:
     return total_bytes <= HEADROOM * gpu_memory_gb * GB
 
@@ -136,7 +154,7 @@ def model_shape(config, adapter_params: int = 0) -> ModelShape:
                       hidden=text.hidden_size, vocab=text.vocab_size, adapter_params=adapter_params)
 
 
-def lora_params(config, lora: dict) -> int:
+def lora_params(config, lora: LoraTuning) -> int:
     """Trainable parameters that peft's LoRA adds to this model (counted on the meta device)."""
     import torch
     from peft import get_peft_model

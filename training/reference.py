@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from core import storage
+from core.config import Recipe
 from core.batch import collate_for, model_layout
 from core.data.pipeline import TOKEN_COLUMNS, pair_width
 
@@ -38,15 +39,15 @@ def cache_key(model: object, data: object, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def token_settings(recipe: dict, precision: str) -> dict:
+def token_settings(recipe: Recipe, precision: str) -> dict:
     """The recipe values that change which tokens a pair has, which pairs a split holds, or the numbers computed."""
-    tc = recipe["training_config"]
-    data = tc["data"]
-    settings = {"max_length": tc["max_length"], "precision": precision,
-                **{k: data[k] for k in ("format", "key_map", "prompt_truncation", "max_prompt_length",
-                                        "system_prompt", "validation_fraction")}}
-    if data["validation_fraction"]:
-        settings["seed"] = tc["seed"]  # the seed picks the held-out pairs; otherwise a seed sweep shares the cache
+    tc = recipe.training_config
+    data = tc.data
+    settings = {"max_length": tc.max_length, "precision": precision,
+                **{k: getattr(data, k) for k in ("format", "key_map", "prompt_truncation", "max_prompt_length",
+                                                 "system_prompt", "validation_fraction")}}
+    if data.validation_fraction:
+        settings["seed"] = tc.seed  # the seed picks the held-out pairs; otherwise a seed sweep shares the cache
     return settings
 
 
@@ -90,7 +91,7 @@ class ReferenceStage:
 
     def __init__(self, model_source: str, precision: str, chunk_size: int = 1024,
                  tokens_per_forward: int = TOKENS_PER_FORWARD, threads: int | None = None,
-                 share_prompt: bool = True):
+                 share_prompt: bool = True, gpus: int = 1, gpu_bytes: int = 0):
         import torch
 
         from core import devices
@@ -102,9 +103,14 @@ class ReferenceStage:
 
         on_gpu = torch.cuda.is_available()
         precision = devices.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-        self.device = torch.device("cuda" if on_gpu else "cpu")
-        self.model = load_causal_lm(model_source, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        self.model.to(self.device).eval()
+        from core.sharding import input_device, load_kwargs
+
+        # on GPU: whole on one GPU, or split by layers over this actor's `gpus` (core/sharding.py), never .to("cuda")
+        # of a model that cannot fit one
+        self.model = load_causal_lm(model_source, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                                    config_overrides=load_kwargs(gpus, gpu_bytes) if on_gpu else None)
+        self.model.eval()
+        self.device = input_device(self.model)
         add_logps_head(self.model)
         self.pad_id = load_tokenizer(model_source).pad_token_id
         self.chunk_size, self.tokens_per_forward = chunk_size, tokens_per_forward
@@ -133,8 +139,8 @@ class ReferenceStage:
 
 # ---------------------------------------------------------------- the driver side
 
-def cache_root_uri(recipe: dict) -> str:
-    return recipe["run"]["output_s3_path"].rstrip("/") + "/" + CACHE_DIR
+def cache_root_uri(recipe: Recipe) -> str:
+    return recipe.run.output_s3_path.rstrip("/") + "/" + CACHE_DIR
 
 
 def read_marker(uri: str) -> dict | None:
@@ -143,15 +149,22 @@ def read_marker(uri: str) -> dict | None:
 
 def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
                   actors: int, on_gpu: bool, share_prompt: bool = True):
-    from core.devices import cpu_threads
+    from core.devices import cpu_threads, usable_cores
+
+    from core import devices
+    from core.sharding import actors_for, gpus_per_actor
 
     fs, path = storage.pyarrow_filesystem_for(target_uri)
     # before training every core is spare: CPU actors share the node's cores (Ray would give each one thread)
-    threads = None if on_gpu else cpu_threads(len(os.sched_getaffinity(0)), actors)
+    threads = None if on_gpu else cpu_threads(usable_cores(), actors)
+    gpus, gpu_bytes = 1, 0
+    if on_gpu:  # as many GPUs per actor as the weights need (core/sharding.py), and fewer actors for it
+        gpus, gpu_bytes = gpus_per_actor(model_source, 2 if devices.precision_for(precision, True) == "bf16" else 4)
+        actors = actors_for(actors, gpus, actors)
     dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
-        ReferenceStage, batch_size=64, concurrency=actors, num_gpus=1 if on_gpu else 0, num_cpus=1,
+        ReferenceStage, batch_size=64, concurrency=actors, num_gpus=gpus if on_gpu else 0, num_cpus=1,
         fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size,
-                                   threads=threads, share_prompt=share_prompt),
+                                   threads=threads, share_prompt=share_prompt, gpus=gpus, gpu_bytes=gpu_bytes),
     ).write_parquet(path, filesystem=fs)
 
 
@@ -162,14 +175,14 @@ def read_split(uri: str):
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
-def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gpu: bool, actors: int,
+def precompute_reference(datasets: dict, recipe: Recipe, *, key_parts: dict, on_gpu: bool, actors: int,
                          chunk_size: int, say, share_prompt: bool = True) -> tuple[dict, dict]:
     """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
     {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}."""
     from core import devices
 
-    precision = devices.precision_for(recipe["training_config"]["precision"], on_gpu)
-    model_source = recipe["run"]["model_name_or_path"]
+    precision = devices.precision_for(recipe.training_config.precision, on_gpu)
+    model_source = recipe.run.model_name_or_path
     key = cache_key(model_fingerprint(model_source), key_parts, token_settings(recipe, precision))
     root = cache_root_uri(recipe) + "/" + key
     out, info = {}, {"cache_uri": root, "seconds": 0.0, "reused": []}
@@ -180,7 +193,7 @@ def precompute_reference(datasets: dict, recipe: dict, *, key_parts: dict, on_gp
             started = time.time()
             folder = f"{root}/{split}-{uuid.uuid4().hex[:8]}"  # a crash leaves an orphan folder, never a half cache
             say(f"reference log-probs ({split}): computing with {actors} model actor(s) into {folder}")
-            compute_split(dataset, folder, model_source=model_source, precision=recipe["training_config"]["precision"],
+            compute_split(dataset, folder, model_source=model_source, precision=recipe.training_config.precision,
                           chunk_size=chunk_size, actors=actors, on_gpu=on_gpu, share_prompt=share_prompt)
             marker = {"folder": folder, "seconds": time.time() - started, "key_parts": key_parts}
             storage.write_bytes(marker_uri, json.dumps(marker, indent=2).encode())

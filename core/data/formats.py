@@ -2,16 +2,14 @@
 
 Formats are a table of parser functions (format_parsers.py). A file's format is detected from its first readable row
 (unless one is given); rows of that file that do not fit are bad rows, each with a reason and its file:line, never an
-exception. Also here: reading raw rows from .jsonl/.json/.gz files (local or fsspec), scanning files for a report,
+exception. Raw rows come from raw_rows.py (the one reader of file bytes). Also here: scanning files for a report,
 and writing records back out as Nova or TRL rows.
 """
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import os
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Iterable, Iterator
 
 from core import storage
 from core.data import format_parsers as fp
+from core.data.raw_rows import UNREADABLE_KEY, data_files, iter_raw_rows
 from core.data.record import RECORD_KEYS, make_record
 from core.errors import DataError
 
@@ -50,7 +49,6 @@ DETECTORS = (
 FORMAT_KEYS = {"nova": ("messages",), "openai": ("input", "preferred_output", "non_preferred_output"),
                "nemo": ("context", "completions"), "when2call": ("messages", "chosen_response", "rejected_response"),
                "sharegpt": ("conversations", "chosen", "rejected"), "trl": ("prompt", "chosen", "rejected")}
-UNREADABLE_KEY = "__raydpo_unreadable__"  # a raw row standing for bytes that never became a JSON row
 
 
 def closest_format_hint(obj: dict) -> str:
@@ -169,86 +167,6 @@ def parse_batch(batch: dict[str, list], fmt: str = "auto", key_map: dict | None 
             out[key].append(record[key])
         out["error"].append(reason)
     return out
-
-
-# --- reading raw rows ---------------------------------------------------------------------------------------------
-
-def unreadable_row(reason: str) -> str:
-    return json.dumps({UNREADABLE_KEY: reason})
-
-
-def _undecodable(raw: bytes, err: UnicodeDecodeError, where: str) -> str:
-    return f"undecodable bytes: not UTF-8 (byte 0x{raw[err.start]:02x} at {where})"
-
-
-def _jsonl_rows(lines: Iterable[bytes], path: str) -> Iterator[tuple[str, str]]:
-    for number, raw in enumerate(lines, 1):
-        if number == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        if not raw.strip():
-            continue  # blank lines are not rows
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield unreadable_row(_undecodable(raw, err, f"column {err.start + 1}")), f"{path}:{number}"
-            continue
-        yield text.strip(), f"{path}:{number}"
-
-
-def _array_rows(data: bytes, path: str) -> Iterator[tuple[str, str]]:
-    # The standard library has no streaming JSON parser: an array file is read whole (JSONL streams).
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    try:
-        elements = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        yield unreadable_row(_undecodable(data, err, f"line {line}") + "; the whole JSON array is unreadable"), \
-            f"{path}:1"
-        return
-    except json.JSONDecodeError as err:
-        yield unreadable_row(f"malformed JSON array: {err.msg} at line {err.lineno} column {err.colno}; the whole "
-                             "file is unreadable"), f"{path}:1"
-        return
-    for index, element in enumerate(elements, 1):
-        yield json.dumps(element, ensure_ascii=False), f"{path}:{index}"
-
-
-def iter_raw_rows(path: str, fs=None) -> Iterator[tuple[str, str]]:
-    """(raw JSON text, "path:line") for each row of a .jsonl/.json file or its .gz, local or on an fsspec filesystem
-    (by default the one the path names: local or s3://).
-
-    A .json file holding an array yields each element (line = index + 1); any other .json is read as JSONL.
-    Bytes that cannot become a row yield a row that parse_line reports (undecodable bytes, a malformed array).
-    """
-    packed = path.lower().endswith(".gz")
-    name = path.lower().removesuffix(".gz")
-    try:
-        with (fs or storage.filesystem_for(path)[0]).open(path, "rb") as raw:
-            stream = gzip.GzipFile(fileobj=raw) if packed else raw
-            lines = iter(stream)
-            head = []
-            for line in lines:
-                head.append(line)
-                if line.strip():
-                    break
-            if name.endswith(".json") and head and head[-1].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-                yield from _array_rows(b"".join(head) + stream.read(), path)
-            else:
-                yield from _jsonl_rows(itertools.chain(head, lines), path)
-    except (OSError, EOFError, zlib.error) as err:
-        if storage.classify_error(err) not in (None, "other"):
-            from core.data.source import read_error  # storage trouble: the pipeline's own wording
-
-            raise read_error(path, err) from err
-        raise DataError(f"cannot read {path}", why=storage.describe(err),
-                        fix="check that the file is complete (a .gz file must be whole gzip data)") from err
-
-
-# --- listing files ------------------------------------------------------------------------------------------------
-
-def data_files(paths: list[str]) -> list[str]:
-    """Every data file that the paths name (a file, a folder searched recursively, an s3:// prefix), in order."""
-    return list(dict.fromkeys(f for path in paths for f in storage.list_data_files(path)))
 
 
 def parsed_rows(files: list[str], fmt: str = "auto", key_map: dict | None = None):

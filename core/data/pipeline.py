@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from core.config import Data, Recipe
 from core.data.formats import parse_batch
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -54,18 +55,18 @@ class DataSummary:
                 "validation": self.validation_pairs, "bad": len(self.bad_rows)}
 
 
-def parsed_rows(uris: list[str], data_cfg: dict, seed: int, validation_fraction: float):
+def parsed_rows(uris: list[str], data: Data, seed: int, validation_fraction: float):
     from core.data.source import read_raw_rows
 
-    ds = read_raw_rows(uris, shuffle_files=data_cfg["shuffle"], seed=seed)
-    return ds.map_batches(parse_and_split, fn_kwargs=dict(fmt=data_cfg["format"], key_map=dict(data_cfg["key_map"] or {}),
-                                                validation_fraction=validation_fraction, seed=seed))
+    ds = read_raw_rows(uris, shuffle_files=data.shuffle, seed=seed)
+    return ds.map_batches(parse_and_split, fn_kwargs=dict(fmt=data.format, key_map=dict(data.key_map),
+                                                          validation_fraction=validation_fraction, seed=seed))
 
 
-def preflight(uris: list[str], data_cfg: dict, seed: int, validation_fraction: float) -> DataSummary:
+def preflight(uris: list[str], data: Data, seed: int, validation_fraction: float) -> DataSummary:
     """Streams every row through the parser once and adds up what is good and what is bad, with file:line."""
     summary = DataSummary(files=list(uris))
-    for row in parsed_rows(uris, data_cfg, seed, validation_fraction).map_batches(summarize_batch).iter_rows():
+    for row in parsed_rows(uris, data, seed, validation_fraction).map_batches(summarize_batch).iter_rows():
         summary.train_pairs += int(row["train"])
         summary.validation_pairs += int(row["validation"])
         summary.bad_rows.extend(tuple(pair) for pair in json.loads(row["bad"]))
@@ -73,20 +74,19 @@ def preflight(uris: list[str], data_cfg: dict, seed: int, validation_fraction: f
     return summary
 
 
-def tokenized_dataset(uris: list[str], recipe: dict, split: str, validation_fraction: float, *,
+def tokenized_dataset(uris: list[str], recipe: Recipe, split: str, validation_fraction: float, *,
                       tokenizer_actors: int = 1):
     """The tokenised pairs of one split, lazily: Ray Data runs it while the workers read their shards."""
     from core.data.tokenize import TokenizeStage
 
-    tc = recipe["training_config"]
-    data_cfg = tc["data"]
-    ds = parsed_rows(uris, data_cfg, tc["seed"], validation_fraction)
+    tc = recipe.training_config
+    ds = parsed_rows(uris, tc.data, tc.seed, validation_fraction)
     ds = ds.filter(lambda row: not is_bad(row["error"]) and row["split"] == split)
     return ds.map_batches(
         TokenizeStage, batch_size=64, concurrency=tokenizer_actors, num_cpus=1,
-        fn_constructor_kwargs=dict(model_source=recipe["run"]["model_name_or_path"], max_length=tc["max_length"],
-                                   max_prompt_length=data_cfg["max_prompt_length"],
-                                   keep=data_cfg["prompt_truncation"], default_system=data_cfg["system_prompt"]))
+        fn_constructor_kwargs=dict(model_source=recipe.run.model_name_or_path, max_length=tc.max_length,
+                                   max_prompt_length=tc.data.max_prompt_length,
+                                   keep=tc.data.prompt_truncation, default_system=tc.data.system_prompt))
 
 
 # ---------------------------------------------------------------- length-aware batching (on the workers)

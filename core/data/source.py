@@ -10,9 +10,9 @@ CHARS_PER_BLOCK characters of text -- so a large file is never held whole. A .js
 whole (the standard library has no streaming JSON parser) and emitted element by element; any other .json is read
 as JSONL. Blank lines hold no document and are not rows (the line numbers of later rows still count them).
 
-Bytes that cannot become a row (not UTF-8, an array file that is not valid JSON) still yield a row: its text is
-formats.unreadable_row(reason), which formats.parse_line reports as a bad row with that reason and its file:line,
-so nothing is dropped silently. The line-to-row rules are formats.py's (the same as `raydpo data validate` uses).
+Bytes that cannot become a row (not UTF-8, an array file that is not valid JSON) still yield a row (raw_rows.py
+unreadable_row), which formats.parse_line reports as a bad row with its file:line, so nothing is dropped silently.
+The line-to-row rules are raw_rows.py's, the same `raydpo data validate` and evaluation read with.
 """
 from __future__ import annotations
 
@@ -21,22 +21,16 @@ import io
 from ray.data.datasource import FileBasedDatasource
 
 from core import storage
-from core.data.formats import _array_rows, _jsonl_rows  # one implementation of the line -> raw row rules
-from core.errors import DataError, StorageError
+from core.data.raw_rows import array_rows, data_files, is_json_array, is_json_name, jsonl_rows, read_error
+from core.errors import DataError
 
 ROWS_PER_BLOCK = 10_000
 CHARS_PER_BLOCK = 16 << 20  # long rows (4k-token prompts) would make 10k-row blocks hundreds of MB
 READ_BUFFER = 1 << 20
-JSON_SUFFIXES = (".json", ".json.gz")
 
 
 def block_ready(rows: int, text_chars: int) -> bool:
     return rows >= ROWS_PER_BLOCK or text_chars >= CHARS_PER_BLOCK
-
-
-def is_json_array(head: bytes) -> bool:
-    """Whether a file's first bytes open a JSON array (after an optional UTF-8 byte-order mark and whitespace)."""
-    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def raw_row_blocks(stream, name: str):
@@ -44,10 +38,10 @@ def raw_row_blocks(stream, name: str):
     import pyarrow as pa
 
     reader = io.BufferedReader(stream, READ_BUFFER)
-    if name.lower().endswith(JSON_SUFFIXES) and is_json_array(reader.peek(READ_BUFFER)):
-        rows = _array_rows(reader.read(), name)
+    if is_json_name(name) and is_json_array(reader.peek(READ_BUFFER)):
+        rows = array_rows(reader.read(), name)
     else:
-        rows = _jsonl_rows(reader, name)
+        rows = jsonl_rows(reader, name)
     texts, sources, size = [], [], 0
     for text, source in rows:
         texts.append(text)
@@ -75,31 +69,6 @@ class RawRowsDatasource(FileBasedDatasource):
             raise read_error(name, err) from err
 
 
-def read_error(name: str, err: Exception) -> Exception:
-    """What a failure while streaming a file means to the user: a damaged file (DataError) or storage trouble."""
-    kind = storage.classify_error(err)
-    if kind is None:
-        return err
-    if kind == "other":  # pyarrow's gzip reader says "Truncated compressed stream", "zlib inflate failed", ...
-        return DataError(f"cannot read {name}", why=storage.describe(err),
-                         fix="check that the file is complete (a .gz file must be whole gzip data)")
-    if kind == "transient":
-        return StorageError(f"cannot read {name}", why=f"storage stopped answering ({storage.describe(err)})",
-                            fix="check the network and the S3 endpoint (AWS_ENDPOINT_URL), then run again")
-    why, fix = storage.PERMANENT[kind]
-    return StorageError(f"cannot read {name}", why=f"{why} ({storage.describe(err)})", fix=fix)
-
-
-def expand_uris(uris: list[str]) -> list[str]:
-    """Data files for the given files, folders or prefixes: a file with a data suffix is taken as named (what
-    storage.list_data_files returns, so no second listing), anything else is listed. Order kept, duplicates dropped."""
-    files: list[str] = []
-    for uri in uris:
-        named = str(uri).lower().endswith(storage.DATA_SUFFIXES)
-        files += [str(uri)] if named else storage.list_data_files(str(uri))
-    return list(dict.fromkeys(files))
-
-
 def read_raw_rows(uris: list[str], *, shuffle_files: bool, seed: int):
     """A lazy ray.data.Dataset of columns text, source over every row of every data file under uris.
 
@@ -109,7 +78,7 @@ def read_raw_rows(uris: list[str], *, shuffle_files: bool, seed: int):
     """
     import ray.data
 
-    files = expand_uris(uris)
+    files = data_files(uris, listed=True)
     if not files:
         raise DataError("no data files given", fix="give a data file, folder or s3:// prefix")
     if len({storage.is_remote(f) for f in files}) > 1:

@@ -204,7 +204,7 @@ def stratified_split(behaviours: list[str], heldout_fraction: float, seed: int) 
 def read_raw(paths: list[str]) -> tuple[list[tuple[dict, str]], list[tuple[str, str]]]:
     """([(raw row, file:line)], [(file:line, reason)]) of When2Call raw files (.jsonl, .json, .gz, local or s3://)."""
     from core import storage
-    from core.data.formats import UNREADABLE_KEY, data_files, iter_raw_rows
+    from core.data.raw_rows import UNREADABLE_KEY, data_files, iter_raw_rows
 
     rows, bad = [], []
     for file in data_files(paths):

@@ -15,9 +15,10 @@ import argparse
 import json
 from collections import Counter
 
-from core.data.formats import (PAIR_FORMATS, WRITERS, ScanReport, data_files, parsed_rows, scan,
-                                   unwritable_reason, write_records)
-from core.errors import ConfigError
+from core.data.formats import (PAIR_FORMATS, WRITERS, ScanReport, parsed_rows, scan, unwritable_reason,
+                               write_records)
+from core.data.raw_rows import data_files
+from core.errors import ConfigError, DataError
 
 SHOWN_BAD_ROWS = 50
 
@@ -117,6 +118,10 @@ def validate(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.model) if args.model else None
     report = scan(args.paths, fmt=args.format, key_map=key_map, tokenizer=tokenizer, max_length=args.max_length)
     print("\n".join(report_lines(report)))
+    if not report.good and not report.bad:  # an empty file (or only blank lines) is no data, not good data
+        raise DataError(f"no preference pairs in {', '.join(map(str, args.paths))}",
+                        why="the files hold no rows (empty, or blank lines only)",
+                        fix="point at the JSONL files with your pairs, one JSON object per line")
     return 2 if report.bad else 0
 
 

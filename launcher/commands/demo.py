@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from core.config import Recipe
+
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_smollm2_lora.yaml"
 
 
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from launcher.commands.train import train
-    from launcher.recipe import load_recipe, recipe_to_dict
+    from launcher.recipe import load_recipe
     from core.data.synthetic import answer_format_pairs
 
     out = Path(args.out).resolve()
@@ -33,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     # different seeds: the held-out pairs are drawn apart from the training pairs
     write_jsonl(data / "train.jsonl", answer_format_pairs(args.train_pairs, seed=1))
     write_jsonl(data / "heldout.jsonl", answer_format_pairs(args.heldout_pairs, seed=2))
-    recipe = recipe_to_dict(load_recipe(args.recipe, [f"run.data_s3_path={data / 'train.jsonl'}",
-                                                      f"run.output_s3_path={out}"], replicas=args.replicas))
+    recipe = load_recipe(args.recipe, [f"run.data_s3_path={data / 'train.jsonl'}", f"run.output_s3_path={out}"],
+                         replicas=args.replicas)
     print(f"demo: {args.train_pairs} training pairs and {args.heldout_pairs} held-out pairs in {data}")
-    result = train(recipe, out / recipe["run"]["name"] / "logs" / "ray.log")
+    result = train(recipe, out / recipe.run.name / "logs" / "ray.log")
     table = evaluate_demo(recipe, result["run_uri"] + "/model", data / "heldout.jsonl", out)
     print_table(table, result)
     (out / "demo_results.json").write_text(json.dumps({"train": result, "evaluation": table}, indent=2,
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_demo(recipe: dict, tuned: str, heldout: Path, out: Path) -> dict:
+def evaluate_demo(recipe: Recipe, tuned: str, heldout: Path, out: Path) -> dict:
     from cluster.session import ray_session
     from launcher.console import user_console
     from core.data.synthetic import shows_preferred_format
@@ -52,16 +54,16 @@ def evaluate_demo(recipe: dict, tuned: str, heldout: Path, out: Path) -> dict:
     from evaluation.preference import ADAPTER_DISABLED, PreferenceSettings, evaluate, read_pairs
 
     records, _ = read_pairs(str(heldout))
-    base = recipe["run"]["model_name_or_path"]
+    base = recipe.run.model_name_or_path
     models = [{"label": "base", "path": base},
               {"label": "tuned", "path": tuned, "reference": ADAPTER_DISABLED,
-               "beta": recipe["training_config"]["model"]["dpo_cfg"]["beta"]}]
+               "beta": recipe.training_config.model.dpo_cfg.beta}]
     prompts = [{"messages": r["prompt"], "system": r["system"]} for r in records]
     table = {}
     with user_console(out / "eval.log") as say, ray_session(num_cpus=4, num_gpus=None, log_file=out / "eval.log"):
         say(f"evaluating base and tuned on {len(records)} held-out pairs")
-        entries, _, _ = evaluate(records, models, PreferenceSettings(max_length=recipe["training_config"]
-                                                                     ["max_length"]), workers=2)
+        entries, _, _ = evaluate(records, models, PreferenceSettings(max_length=recipe.training_config.max_length),
+                                 workers=2)
         for label, model in zip(("base", "tuned"), (base, tuned)):
             answers = generate_answers(prompts, model, GenerationSettings(max_new_tokens=24), workers=2)
             metrics = entries[label]["metrics"]

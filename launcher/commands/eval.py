@@ -34,6 +34,7 @@ import argparse
 import json
 from pathlib import Path
 
+from core.config import Recipe
 from core.errors import ConfigError, DataError
 
 EXAMPLES = 5
@@ -160,13 +161,13 @@ def resolve_models(sources: list[str]) -> list[tuple[str, Path | None]]:
     return resolved
 
 
-def run_recipe(run: str | None) -> dict:
-    """The resolved recipe a training run folder holds, or {}."""
+def trained_recipe(run: str | None) -> Recipe | None:
+    """The typed recipe a training run folder holds (its resolved recipe.yaml), or None for a model without one."""
     if run is None:
-        return {}
-    import yaml
+        return None
+    from launcher.recipe import load_recipe
 
-    return yaml.safe_load((Path(run) / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return load_recipe(Path(run) / "recipe.yaml")
 
 
 ROW_NEEDS = {
@@ -228,7 +229,8 @@ def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
         return None
     if storage.exists(join(model["path"], "adapter_config.json")):
         return ADAPTER_DISABLED
-    trained_from = (run_recipe(model["run"]).get("run") or {}).get("model_name_or_path")
+    trained = trained_recipe(model["run"])
+    trained_from = trained.run.model_name_or_path if trained else None
     if trained_from:
         # actors may run in another working directory: a local path travels absolute
         return str(Path(trained_from).resolve()) if Path(trained_from).exists() else trained_from
@@ -257,8 +259,8 @@ def preference_beta(recipe, model: dict) -> float:
     """evaluation.beta, else the beta the model was trained with (its run's recipe.yaml), else 0.1 (TRL's)."""
     if recipe.evaluation.beta is not None:
         return recipe.evaluation.beta
-    trained = run_recipe(model["run"]).get("training_config") or {}
-    return float(((trained.get("model") or {}).get("dpo_cfg") or {}).get("beta") or 0.1)
+    trained = trained_recipe(model["run"])
+    return trained.training_config.model.dpo_cfg.beta if trained else 0.1
 
 
 def read_data(recipe) -> tuple[list[dict], dict]:

@@ -17,7 +17,6 @@ from core.errors import ConfigError
 
 DEFAULT_IMAGE = "raydpo:0.1.0-gpu"  # what the Dockerfile builds by default; push it where your cluster pulls from
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "k8s-schemas" / "kuberay-v1.7.0"
-SIZES = {True: (8, "64Gi"), False: (4, "16Gi")}  # GPU image? -> default (CPUs, memory) per worker pod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,19 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _render_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
-    parser.add_argument("--kind", choices=("rayjob", "raycluster"), help="rayjob (default): one run, its cluster "
-                        "deleted after; raycluster: a cluster that stays for interactive use")
+    parser.add_argument("--kind", choices=("rayjob", "raycluster", "rayservice"), help="rayjob (default): one run, "
+                        "its cluster deleted after; raycluster: a cluster that stays for interactive use; rayservice: "
+                        "serve trained runs (RECIPE is then RUN [RUN ...], s3:// run folders or hub ids)")
     parser.add_argument("--image", help=f"the worker image (default {DEFAULT_IMAGE}); a tag with gpu or cuNNN in it "
                         "means GPU pods")
     parser.add_argument("--name", help="the RayJob's name (default: the recipe's run.name)")
     parser.add_argument("--namespace", help="metadata.namespace (default: kubectl's current namespace)")
     parser.add_argument("--gpus-per-worker", type=int, help="GPUs per worker pod (default 1 on a GPU image, else 0)")
-    parser.add_argument("--worker-cpus", type=int, help="CPUs per worker pod (default 8 on GPU, 4 on CPU)")
-    parser.add_argument("--worker-memory", help="memory per worker pod, a Kubernetes quantity (default 64Gi on "
-                        "GPU, 16Gi on CPU)")
+    parser.add_argument("--worker-cpus", type=int, help="CPUs per worker pod (default 8 per GPU, 4 on CPU)")
+    parser.add_argument("--worker-memory", help="memory per worker pod, a Kubernetes quantity (default 64Gi per "
+                        "GPU, 16Gi on CPU); the node's allocatable memory less what else runs there")
     parser.add_argument("--secret", help="the Secret holding object-storage credentials (AWS_ACCESS_KEY_ID, "
                         "AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL); "
                         "default raydpo-object-storage; 'none' for none (IAM roles for service accounts)")
+    parser.add_argument("--token-secret", help="the Secret holding hub and MLflow tokens (HF_TOKEN, "
+                        "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN; each optional), "
+                        "default raydpo-tokens; 'none' for none. A password in run.mlflow_tracking_uri is left out of "
+                        "the ConfigMap: put it here")
     parser.add_argument("--service-account", help="serviceAccountName of the Ray pods")
     parser.add_argument("--submission-mode", help="K8sJobMode (default), HTTPMode, InteractiveMode or SidecarMode")
     parser.add_argument("--deadline-hours", type=float, help="activeDeadlineSeconds in hours (default 24)")
@@ -65,7 +69,12 @@ def run_render(args: argparse.Namespace) -> int:
     from cluster import kuberay
     from cluster.k8s_checks import operator_problems
     from launcher.recipe import recipe_to_dict
+    from launcher.recipe_args import parse_rest
 
+    if parse_rest(args).kind == "rayservice":  # RECIPE and the rest are runs to serve (launcher/commands/k8s_serve.py)
+        from launcher.commands.k8s_serve import render_service
+
+        return render_service(parse_rest(args), options_from_args=options_from_args, render_command=render_command)
     recipe_obj, args = load_from_args(args)
     recipe = recipe_to_dict(recipe_obj)
     check_pod_paths(recipe)
@@ -94,7 +103,7 @@ def render_command(args: argparse.Namespace) -> str:
     """The command line that renders this again (output file left out)."""
     words = ["raydpo", "k8s", "render", str(args.recipe), *(args.overrides or [])]
     for option in ("overrides_json", "replicas", "kind", "image", "name", "namespace", "gpus_per_worker",
-                   "worker_cpus", "worker_memory", "secret", "service_account", "submission_mode", "deadline_hours",
+                   "worker_cpus", "worker_memory", "secret", "token_secret", "service_account", "submission_mode", "deadline_hours",
                    "ttl_seconds", "backoff_limit"):
         value = getattr(args, option, None)
         if value is not None:
@@ -108,16 +117,17 @@ def options_from_args(args: argparse.Namespace, recipe: dict):
     image = args.image or DEFAULT_IMAGE
     gpu = kuberay.is_gpu_image(image)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else int(gpu)
-    cpus, memory = SIZES[gpus > 0]
     mode = args.submission_mode or "K8sJobMode"
     if mode not in kuberay.SUBMISSION_MODES:
         raise ConfigError(f"--submission-mode {mode!r} is not a KubeRay submission mode",
                           fix=f"use one of {', '.join(kuberay.SUBMISSION_MODES)}")
     secret = None if (args.secret or "").lower() == "none" else (args.secret or "raydpo-object-storage")
+    tokens = getattr(args, "token_secret", None)
+    token_secret = None if (tokens or "").lower() == "none" else (tokens or "raydpo-tokens")
     return kuberay.K8sOptions(
         name=args.name or recipe["run"]["name"], replicas=recipe["run"]["replicas"], image=image,
-        worker=kuberay.PodSize(cpus=args.worker_cpus or cpus, memory=args.worker_memory or memory, gpus=gpus),
-        namespace=args.namespace, secret=secret, service_account=args.service_account, submission_mode=mode,
+        worker=kuberay.worker_size(gpus, args.worker_cpus, args.worker_memory),
+        namespace=args.namespace, secret=secret, token_secret=token_secret, service_account=args.service_account, submission_mode=mode,
         active_deadline_s=int((args.deadline_hours or 24) * 3600),
         backoff_limit=args.backoff_limit if args.backoff_limit is not None else 0,
         ttl_after_finished_s=args.ttl_seconds if args.ttl_seconds is not None else 300)
@@ -150,9 +160,17 @@ def run_check(files: list[Path], schemas: Path) -> int:
     failed = 0
     for path in files:
         try:
-            manifests = [d for d in yaml.safe_load_all(path.read_text()) if d]
+            manifests = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"cannot read manifests from {path}", why=f"it is not UTF-8 text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r}); Kubernetes manifests are UTF-8 YAML",
+                              fix="give the YAML file `raydpo k8s render -o FILE` wrote") from None
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read manifests from {path}", why=str(err)) from None
+        if not all(isinstance(m, dict) for m in manifests):
+            raise ConfigError(f"cannot read manifests from {path}", why="it holds YAML that is not a mapping per "
+                              "document (a Kubernetes manifest is one)", fix="give the YAML file `raydpo k8s render "
+                              "-o FILE` wrote")
         problems = manifest_problems(manifests, schemas)
         print(f"{path}: {'OK' if not problems else f'{len(problems)} problem(s)'} "
               f"({', '.join(m.get('kind', '?') for m in manifests)})")

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_cluster_yaml(args.cluster)
     check_cluster_config(config, str(args.cluster))
     config = with_replicas(config, replicas)
+    check_paths_reach_every_node(config, recipe_obj.run)
     working_dir = (args.working_dir or Path.cwd()).resolve()
     command, fetch, local_summary, summary_uri = train_command(args, recipe_obj, working_dir, replicas)
     log_dir = Path(tempfile.gettempdir()) / "raydpo" / recipe_obj.run.name / f"launch-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -58,6 +59,43 @@ def run(args: argparse.Namespace) -> int:
     say(f"job {result['job_id']} {result['status'].lower()}")
     show_summary(read_summary(local_summary, summary_uri), say)
     return 0
+
+
+def one_machine(config: dict) -> bool:
+    """Whether every node of the cluster is this machine: Ray's local provider with loopback addresses only (as
+    cluster/local.yaml is written). Then local paths are the same files on every node."""
+    import ipaddress
+
+    provider = config.get("provider", {})
+    if provider.get("type") != "local":
+        return False
+    ips = [provider.get("head_ip", ""), *provider.get("worker_ips", [])]
+    try:
+        return all(ipaddress.ip_address(ip).is_loopback for ip in ips)
+    except ValueError:  # a host name: another machine, as far as we can tell
+        return False
+
+
+def local_path_problems(run) -> list[str]:
+    """The recipe's data, output and model paths that name files on this machine rather than object storage."""
+    problems = [f"run.{key}: {getattr(run, key)!r} is a path on this machine"
+                for key in ("data_s3_path", "validation_data_s3_path", "output_s3_path")
+                if getattr(run, key, None) and "://" not in str(getattr(run, key))]
+    if str(run.model_name_or_path).startswith("/"):
+        problems.append(f"run.model_name_or_path: {run.model_name_or_path!r} is a path on this machine")
+    return problems
+
+
+def check_paths_reach_every_node(config: dict, run) -> None:
+    """On a cluster of several machines each worker reads the data and writes checkpoints on its own node: a local
+    path there is another folder (or none), so the run would fail after `ray up` or scatter its outputs. Refused, as
+    `raydpo k8s render` refuses them for pods."""
+    problems = [] if one_machine(config) else local_path_problems(run)
+    if problems:
+        raise ConfigError("the recipe reads or writes local paths, which the cluster's other nodes cannot reach",
+                          problems=problems,
+                          fix="use object storage every node reaches, e.g. run.data_s3_path=s3://bucket/train.jsonl "
+                              "run.output_s3_path=s3://bucket/runs (and a hub id or s3:// for the model)")
 
 
 def train_command(args: argparse.Namespace, recipe, working_dir: Path, replicas: int):

@@ -41,7 +41,7 @@ def prediction_field(obj, key: str) -> tuple[object, str | None]:
 def read_predictions(path: str) -> list[dict]:
     """[{"prediction", "reference", "prompt", "source"}]; every bad row is listed (file:line) in one DataError."""
     from core import storage
-    from core.data.formats import iter_raw_rows
+    from core.data.raw_rows import iter_raw_rows
 
     rows, bad = [], []
     fs = storage.filesystem_for(path)[0] if storage.is_remote(path) else None

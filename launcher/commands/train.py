@@ -14,8 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from core.config import Recipe
 from launcher.recipe_args import add_recipe_arguments, load_from_args
-from core.errors import ConfigError
 
 # Logical CPUs a local cluster gets beyond one per worker, for the Ray Data stages that feed them.
 DATA_CPUS = 2
@@ -33,10 +33,7 @@ def add_resume_option(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.recipe import recipe_to_dict
-
-    recipe_obj, args = load_from_args(args)
-    recipe = recipe_to_dict(recipe_obj)
+    recipe, args = load_from_args(args)
     log_file = local_log_file(recipe)
     result = train(recipe, log_file, resume_from=getattr(args, "resume_from", None))
     final = result.get("final_train") or {}
@@ -47,50 +44,63 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(recipe: dict, log_file: Path, resume_from: str | None = None) -> dict:
+def train(recipe: Recipe, log_file: Path, resume_from: str | None = None) -> dict:
+    # lazy: these start Ray and load torch; `raydpo validate` imports this package and must stay fast
     from cluster.placement import placement_for
-    from cluster.session import check_resources, ray_session
+    from cluster.session import check_resources, local_cpus, ray_session
+    from core.devices import usable_cores
     from launcher.console import user_console
-    from training.driver import run_recipe
+    from training.driver import run_training
 
-    replicas = recipe["run"]["replicas"]
+    replicas = recipe.run.replicas
+    check_model_knobs(recipe)  # before the console opens its log: a bad model writes nothing to the output path
     with user_console(log_file) as say:
-        check_model_knobs(recipe)
-        say(f"run {recipe['run']['name']}: {replicas} replica(s); Ray and DeepSpeed log to {log_file}")
-        with ray_session(num_cpus=replicas + DATA_CPUS, num_gpus=None, log_file=log_file) \
+        say(f"run {recipe.run.name}: {replicas} replica(s); Ray and DeepSpeed log to {log_file}")
+        with ray_session(num_cpus=local_cpus(replicas, DATA_CPUS, usable_cores()), num_gpus=None,
+                         log_file=log_file) \
                 as session:
             import ray
 
             gpus_per_node = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
             nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
-            strategy, workers, per_worker = placement_for(replicas, int(gpus_per_node), max(nodes, 1))
-            check_resources({k: v * workers for k, v in per_worker.items()}, session["resources"])
+            placement = placement_for(replicas, int(gpus_per_node), max(nodes, 1))  # the run's one worker count
+            check_resources({k: v * placement.workers for k, v in placement.per_worker.items()},
+                            session["resources"])
             say(f"cluster: {'started here' if session['started_here'] else session['address']}, "
-                f"{nodes} node(s), placement {strategy}")
-            result = run_recipe(recipe, say=say, on_gpu=gpus_per_node > 0, gpus_per_node=int(gpus_per_node) or 1,
-                                placement_strategy=strategy, resume_from=resume_from)
+                f"{nodes} node(s), placement {placement.strategy}")
+            result = run_training(recipe, say=say, workers=placement.workers, use_gpu=placement.use_gpu,
+                                  placement_strategy=placement.strategy, resume_from=resume_from,
+                                  before_manifest=lambda uri: write_report_quietly(uri, say))
     return result
 
 
-def check_model_knobs(recipe: dict) -> None:
-    """Model-dependent recipe errors, found before any Ray work: dropouts the model lacks, 4/8-bit on CPU."""
-    import torch
+def write_report_quietly(run_uri: str, say) -> None:
+    """report.md and report.html beside a finished run; a report problem is said, never a failed run."""
+    from evaluation.report import write_report
 
+    try:
+        md, html = write_report(run_uri)
+        say(f"report: {html}")
+    except Exception as err:  # noqa: BLE001 - a report problem must not fail a finished training run
+        say(f"report not written: {err}")
+
+
+def check_model_knobs(recipe: Recipe) -> None:
+    """Model-dependent recipe errors, found before any Ray work: dropouts the model lacks."""
     from core.models import dropout_overrides, load_config
 
-    model = recipe["training_config"]["model"]
-    dropout_overrides(load_config(recipe["run"]["model_name_or_path"]),
-                      {k: model[k] for k in ("hidden_dropout", "attention_dropout", "ffn_dropout")})
-    if model["peft"].get("quantization") and not torch.cuda.is_available():
-        raise ConfigError(f"training_config.model.peft.quantization={model['peft']['quantization']} needs a GPU",
-                          why="QLoRA loads the base through bitsandbytes, which runs on CUDA devices only",
-                          fix="set quantization=null on CPU, or run on GPU nodes")
+    model = recipe.training_config.model
+    dropout_overrides(load_config(recipe.run.model_name_or_path),
+                      {"hidden_dropout": model.hidden_dropout, "attention_dropout": model.attention_dropout,
+                       "ffn_dropout": model.ffn_dropout})
+    # 4/8-bit needs CUDA on the workers, not here (a CPU head node drives GPU workers): the worker checks it
+    # (core/devices.require_quantization)
 
 
-def local_log_file(recipe: dict) -> Path:
+def local_log_file(recipe: Recipe) -> Path:
     from core import storage
 
-    output = recipe["run"]["output_s3_path"]
+    output = recipe.run.output_s3_path
     if storage.is_remote(output):
-        return Path(tempfile.gettempdir()) / "raydpo" / recipe["run"]["name"] / "ray.log"
-    return Path(output) / recipe["run"]["name"] / "logs" / "ray.log"
+        return Path(tempfile.gettempdir()) / "raydpo" / recipe.run.name / "ray.log"
+    return Path(output) / recipe.run.name / "logs" / "ray.log"

@@ -7,6 +7,7 @@ is printed at once and the exit code is 2. Imports no torch, ray or deepspeed.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from launcher import pai
 from launcher.recipe import Recipe, dump_recipe_yaml, load_recipe, read_recipe_source
@@ -38,7 +39,9 @@ def explanation_lines(source: str, replicas: int | None) -> list[str]:
     _, raw = read_recipe_source(source)
     if not pai.is_pai(raw):
         return ["(a Nova-shaped recipe: nothing to translate)"]
-    return ["PAI-QuickStart hyperparameters translated:"] + pai.translate_pai_collect(raw, replicas).explanation
+    stem = Path(source).stem  # a PAI file without a name is named after the file (launcher/pai.py)
+    return ["PAI-QuickStart hyperparameters translated:"] + pai.translate_pai_collect(raw, replicas,
+                                                                                      source_stem=stem).explanation
 
 
 def summary(recipe: Recipe) -> str:

@@ -175,3 +175,28 @@ def test_inside_a_cluster_it_connects_and_leaves_the_cluster_running(tmp_path):
         stop_head(head)
     assert not port_open("127.0.0.1", head.gcs_port)
     assert head.processes() == []
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses the given processes listen on (TCP), from `ss -ltnp`."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()
+            if any(f"pid={pid}," in line for pid in pids)}
+
+
+@pytest.mark.slow
+def test_a_local_cluster_listens_on_loopback_only(tmp_path, monkeypatch):
+    """GCS, raylet, workers, the dashboard agent and Prometheus metrics: none on 0.0.0.0 or the node's address."""
+    import psutil
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with ray_session(num_cpus=1, num_gpus=0, log_file=tmp_path / "ray.log") as info:
+        assert info["address"].startswith("127.0.0.1:")
+        ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+        me = psutil.Process()
+        pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+        addresses = listening_addresses(pids)
+    assert addresses and addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, addresses
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # put back after the session

@@ -6,6 +6,7 @@ import torch
 
 from core.batch import (batch_layout, collate_packed, collate_pairs, collate_shared, mask_attention, model_layout,
                             packed_layout, shared_prompt_row)
+from core.attention import shared_dense_mask
 from core.forward import add_logps_head, sequence_logps_of
 
 PAIRS = {"prompt_ids": [[5, 6, 7], [8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[17], [18, 19]]}
@@ -63,7 +64,10 @@ def test_collate_shared_hand_worked():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2], [0, 1, 2, 0, 1]]
     assert batch["segments"].tolist() == [[0, 0, 1, 2, 2], [0, 1, 1, 2, 2]]
     # row 0: the copy (index 3) and the rejected token (4) see the prompt's first token and each other only
-    assert batch["pair_mask"][0].int().tolist() == [[1, 0, 0, 0, 0],
+    assert (batch["prompt_lengths"].tolist(), batch["lengths"].tolist()) == ([2, 1], [5, 5])
+    assert "pair_mask" not in batch  # no [B, T, T] mask leaves the collate: core/attention.py builds it on the device
+    pair_mask = shared_dense_mask(batch["segments"], batch["prompt_lengths"], batch["lengths"])
+    assert pair_mask[0].int().tolist() == [[1, 0, 0, 0, 0],
                                                     [1, 1, 0, 0, 0],
                                                     [1, 1, 1, 0, 0],
                                                     [1, 0, 0, 1, 0],
@@ -77,7 +81,8 @@ def test_collate_shared_pads_and_masks_the_padding():
                            pad_id=0)
     assert batch["input_ids"][0].tolist() == [5, 9, 5, 17, 0, 0]
     assert batch["segments"][0].tolist() == [0, 1, 2, 2, -1, -1]
-    assert not batch["pair_mask"][0, :, 4:].any()  # no query sees a padding key
+    pair_mask = shared_dense_mask(batch["segments"], batch["prompt_lengths"], batch["lengths"])
+    assert not pair_mask[0, :, 4:].any()  # no query sees a padding key
 
 
 LAYOUTS = {"packed": collate_packed, "shared": lambda pairs: collate_shared(pairs, pad_id=0)}
@@ -90,9 +95,9 @@ def test_packed_and_shared_layouts_give_the_padded_logps_and_gradients(tiny_mode
     pairs = {"prompt_ids": [[5, 6, 7], [8], []], "chosen_ids": [[9, 10], [11, 12, 13, 14], [15, 16]],
              "rejected_ids": [[17], [18, 19], [20, 21, 22]]}
     results = []
-    for collate in (lambda p: collate_pairs(p, pad_id=0), LAYOUTS[layout]):
+    for collate, implementation in ((lambda p: collate_pairs(p, pad_id=0), "eager"), (LAYOUTS[layout], attention)):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
-                                                     attn_implementation=attention)
+                                                     attn_implementation=implementation)
         add_logps_head(model)
         logps, counts = sequence_logps_of(model, collate(pairs))
         (logps * torch.arange(1.0, 7.0)).sum().backward()
@@ -103,6 +108,26 @@ def test_packed_and_shared_layouts_give_the_padded_logps_and_gradients(tiny_mode
     assert other_n.tolist() == padded_n.tolist() == [2, 4, 1, 1, 2, 2]
     for name, grad in padded_grads.items():
         torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # flex attention compiles its kernels on CPU (~20 s); CPU has no flex backward: GPU check
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_flex_attention_block_masks_give_the_eager_padded_logps(tiny_model_dir, layout):
+    from transformers import AutoModelForCausalLM
+
+    pairs = {"prompt_ids": [[5, 6, 7], [8], []], "chosen_ids": [[9, 10], [11, 12, 13, 14], [15, 16]],
+             "rejected_ids": [[17], [18, 19], [20, 21, 22]]}
+    results = []
+    for collate, implementation in ((lambda p: collate_pairs(p, pad_id=0), "eager"), (LAYOUTS[layout],
+                                                                                      "flex_attention")):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                     attn_implementation=implementation)
+        add_logps_head(model)
+        with torch.no_grad():
+            results.append(sequence_logps_of(model, collate(pairs)))
+    (padded, padded_n), (flex, flex_n) = results
+    torch.testing.assert_close(flex, padded, rtol=1e-5, atol=1e-5)
+    assert flex_n.tolist() == padded_n.tolist()
 
 
 def test_batch_layout_table():

@@ -119,6 +119,7 @@ def zero3_differences(model_dir: str) -> dict:
     import deepspeed
 
     from training import ds_config
+    from core.config import LoraTuning
     from training.loop import load_under_zero_init, wrap_lora
 
     with socket.socket() as s:
@@ -128,8 +129,7 @@ def zero3_differences(model_dir: str) -> dict:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     config = ds_config.deepspeed_config(micro_batch=3, accum=1, workers=1, precision="fp32")
     config["zero_allow_untested_optimizer"] = True
-    lora = {"adapter_dim": 4, "alpha": 8, "adapter_dropout": 0.0, "target_modules": "all-linear",
-            "loraplus_lr_ratio": 0.0}
+    lora = LoraTuning(adapter_dim=4, alpha=8, adapter_dropout=0.0)
     out = {}
     for use_lora in (False, True):
         runs = []
@@ -169,7 +169,7 @@ def test_head_gradients_equal_full_logits_under_zero3(tmp_path, tie):
     root = Path(__file__).resolve().parents[2]
     model_dir = tmp_path / "model"
     tiny_llama(tie).save_pretrained(model_dir)  # tied: the head is the embedding, which ZeRO-3 must gather twice
-    code = ("import json; from tests.training.test_forward import zero3_differences; "
+    code = ("import json; from tests.core.test_forward import zero3_differences; "
             f"print('RESULT', json.dumps(zero3_differences({str(model_dir)!r})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -98,3 +98,18 @@ def test_ray_data_actor_pool_keeps_order(tiny_model_dir):
     assert [r["prediction"] for r in got] == list(want["prediction"])
     assert [r["new_tokens"] for r in got] == list(want["new_tokens"])
     assert [r["hit_max_new_tokens"] for r in got] == list(want["hit_max_new_tokens"])
+
+
+def test_generate_candidates_repeats_each_prompt_and_groups_the_answers(monkeypatch):
+    seen = {}
+
+    def fake_answers(prompts, model_source, settings, *, workers, use_gpu):
+        seen["prompts"] = prompts
+        return [{"prediction": f"answer {i}"} for i in range(len(prompts))]
+
+    monkeypatch.setattr(g, "generate_answers", fake_answers)
+    prompts = [{"messages": MESSAGES[0]}, {"messages": MESSAGES[1]}]
+    got = g.generate_candidates(prompts, "m", g.GenerationSettings(temperature=1.0), 3)
+    assert seen["prompts"] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert [[a["prediction"] for a in group] for group in got] == [["answer 0", "answer 1", "answer 2"],
+                                                                   ["answer 3", "answer 4", "answer 5"]]

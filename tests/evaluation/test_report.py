@@ -5,6 +5,7 @@ import json
 import math
 import re
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -168,8 +169,9 @@ def test_report_holds_every_section_and_plot(written):
     assert (md_path, html_path) == (run / "report.md", run / "report.html")
     md = md_path.read_text()
     images = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", md)
-    assert images == ["plots/loss.png", "plots/reward_accuracy.png", "plots/margins.png", "plots/rewards.png",
-                      "plots/lr.png", "plots/eval_gen_qa_results.png", "plots/eval_preference_results.png"]
+    # base vs tuned first, then the curves
+    assert images == ["plots/eval_gen_qa_results.png", "plots/eval_preference_results.png", "plots/loss.png",
+                      "plots/reward_accuracy.png", "plots/margins.png", "plots/rewards.png", "plots/lr.png"]
     for image in images:
         assert (run / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # recipe, data summary (nested keys flattened), skipped rows
@@ -183,7 +185,7 @@ def test_report_holds_every_section_and_plot(written):
     assert "| exact_match | 0 | 0.125 | n/a |" in md
     assert "| f1 | 0.25 | 0.5 | +100.0% |" in md
     assert "| n | 32 | 32 |  |\n| truncated | 2 | 0 |  |\n| truncated_rate | 0.0625 | 0 |  |" in md
-    assert "Models: base = `/models/base`; tuned = `/runs/tiny-run/model`" in md
+    assert "Models: base = /models/base; tuned = /runs/tiny-run/model" in md
     assert "Data: path data/qa.jsonl, rows 32, skipped 0" in md
     assert "eval/config.json is not an evaluation result" in md
     # examples side by side, the first three of five, escaped
@@ -194,6 +196,59 @@ def test_report_holds_every_section_and_plot(written):
     assert "Question 3" not in md
     # last logged values per split
     assert "| validation | 12 | 0.58 |" in md
+
+
+def test_the_outcome_leads_and_the_internals_come_last_folded(written):
+    md = written[1].read_text()
+    headings = re.findall(r"^## (.*)$", md, re.M)
+    assert headings == ["Outcome", "Evaluation", "Training curves", "Data", "Recipe", "Run details"]
+    outcome = md.split("## Evaluation")[0]
+    assert "| final train loss | 0.45 |" in outcome  # summary.json's final_train
+    assert "| final validation reward accuracy | 55.0% of pairs |" in outcome  # the last validation row
+    assert "| throughput | 900 tokens/s (mean over logged steps) |" in outcome
+    assert "| gen_qa: exact_match | 0 (base) -&gt; 0.125 (tuned) |" in outcome
+    details = md.split("## Run details")[1]
+    assert details.lstrip().startswith('<details markdown="1">') and "| wall_s | 30.5 |" in details
+    assert "<details><summary>The resolved recipe (recipe.yaml)</summary>" in md.split("## Recipe")[1]
+
+
+class LiveMarkup(HTMLParser):
+    """The elements a page really has: scripts, and any attribute that runs code (on...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script" or any(name.startswith("on") for name, _ in attrs):
+            self.found.append(f"<{tag} {attrs}>")
+
+
+def live_markup(page: str) -> list[str]:
+    parser = LiveMarkup()
+    parser.feed(page)
+    return parser.found
+
+
+PAYLOAD = "```\n<img src=x onerror=\"document.title='pwned'\">\n<script>document.title='pwned'</script>"
+
+
+@pytest.mark.parametrize("how", ["a value", "raw lines that break the YAML"])
+def test_a_crafted_recipe_cannot_inject_markup(tmp_path, how):
+    """recipe.yaml is shown as text: a ``` closing the fence and tags after it stay text, in report.html as
+    Chromium builds it (and in report.md, which GitHub renders the same way)."""
+    run = make_run(tmp_path, evaluation=False)
+    with open(run / "recipe.yaml", "a") as f:
+        # raw lines: shown as is, where a ``` at the start of a line closed the old report's code fence
+        f.write(yaml.safe_dump({"notes": PAYLOAD}) if how == "a value" else f"{PAYLOAD}\n")
+    md_path, html_path = report.write_report(run)
+    page = html_path.read_text()
+    assert live_markup(page) == [] and "&lt;img src=x onerror=" in page  # shown, as text
+    assert "<img src=x" not in md_path.read_text()
+    dom = chromium(["--virtual-time-budget=5000", "--dump-dom", html_path.as_uri()], tmp_path)
+    assert "<body" in dom and live_markup(dom) == []  # no element built from it
+    assert "pwned" not in dom.split("<body")[0]  # the title was never rewritten
+    assert all(src.startswith("data:image/png") for src in re.findall(r'<img[^>]*src="([^"]*)"', dom))
 
 
 def test_html_is_self_contained(written):
@@ -282,5 +337,5 @@ def test_plots_render_in_headless_chromium(written, tmp_path):
     images = json.loads(found.group(1))
     assert len(images) == 7
     assert all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
-    # the 7.0 x 3.6 inch curves at 100 dpi
-    assert images[0] == {"w": 700, "h": 360, "ok": True}
+    # the 7.0 x 3.6 inch curves at 100 dpi, after the two evaluation charts
+    assert images[2] == {"w": 700, "h": 360, "ok": True}

@@ -93,12 +93,16 @@ def test_every_recipe_problem_at_once():
     with pytest.raises(ConfigError) as err:
         build_eval_recipe(tree)
     problems = "\n".join(err.value.problems)
-    for expected in ("run.replcas: unknown key (did you mean run.replicas?)", "run.name: must be a Kubernetes name",
-                     "run.data_s3_path: required", "run.model_name_or_path: required",
-                     "evaluation.strategy: task gen_qa runs with strategy 'gen_qa'", "bleu4 not a gen_qa metric",
-                     "inference.temperature: must be a number", "inference.top_k: must be -1",
-                     "training_config: unknown section"):
+    # the training recipe's wording (one engine, launcher/validation.py)
+    for expected in ("run.replcas: unknown key (value 2); did you mean run.replicas?",
+                     "run.name: 'Bad_Name' is not allowed; allowed: a Kubernetes name",
+                     "run.data_s3_path: missing (required)", "run.model_name_or_path: missing (required)",
+                     "evaluation.strategy: 'judge' is not allowed: task gen_qa runs with strategy 'gen_qa'",
+                     "bleu4 not a gen_qa metric", "inference.temperature: 'hot' is a string; expected a number",
+                     "inference.top_k: -5 is not allowed; allowed: -1 or 0 (off)",
+                     "training_config: unknown key (value {}); allowed keys here: run, evaluation, inference"):
         assert expected in problems
+    assert err.value.what == "the recipe: 9 problem(s) in the evaluation recipe"
 
 
 def test_judge_settings_are_checked():
@@ -106,8 +110,9 @@ def test_judge_settings_are_checked():
     with pytest.raises(ConfigError) as err:
         build_eval_recipe(tree)
     problems = "\n".join(err.value.problems)
-    assert "judge.endpoint: must be an http:// or https:// URL" in problems
-    assert "set exactly one of judge.model" in problems and "compare=base: needs two or more models" in problems
+    assert "evaluation.judge.endpoint: 'ftp://x' is not allowed; allowed: an http:// or https:// URL" in problems
+    assert "set exactly one of judge.model" in problems
+    assert "evaluation.judge.compare: base needs two or more models" in problems
 
 
 def test_nova_shaped_recipe_with_models_added_from_the_command_line(tmp_path):
@@ -262,7 +267,9 @@ def run_folder(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(run / "model")
     load_tokenizer(str(tiny_model_dir)).save_pretrained(run / "model")
     (run / "recipe.yaml").write_text(yaml.safe_dump({"run": {"name": "my-dpo-run",
-                                                             "model_name_or_path": str(tiny_model_dir)},
+                                                             "model_name_or_path": str(tiny_model_dir),
+                                                             "data_s3_path": str(run / "data.jsonl"),
+                                                             "output_s3_path": str(run.parent)},
                                                      "training_config": {"model": {"dpo_cfg": {"beta": 0.2}}}}))
     (run / "manifest.json").write_text("{}")
     return run

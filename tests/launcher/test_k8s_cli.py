@@ -69,7 +69,7 @@ def test_rayjob_follows_replicas_and_passes_the_crd_schema(tmp_path, schemas, mo
 def test_cpu_image_raycluster_has_no_gpus(tmp_path, schemas, monkeypatch):
     monkeypatch.chdir(ROOT)
     manifests = render(tmp_path, "--kind", "raycluster", "--image", "raydpo:0.1.0-cpu", "--replicas", "2",
-                       "--secret", "none", "--worker-memory", "12Gi")
+                       "--secret", "none", "--token-secret", "none", "--worker-memory", "12Gi")
     assert manifest_problems(manifests, schemas) == []
     cluster = by_kind(manifests, "RayCluster")
     assert cluster["metadata"]["name"] == "my-dpo-run-cluster"
@@ -180,3 +180,26 @@ def test_gpu_image_detection():
     assert kuberay.is_gpu_image("reg.io:5000/raydpo:1.0-cu128")
     assert not kuberay.is_gpu_image("rayproject/ray:2.60.0-py311")
     assert not kuberay.is_gpu_image("reg.io:5000/raydpo")  # the registry's port is not a tag
+
+
+def test_worker_pods_have_a_memory_backed_dev_shm_and_memory_that_grows_with_their_gpus(tmp_path, schemas,
+                                                                                          monkeypatch):
+    monkeypatch.chdir(ROOT)
+    manifests = render(tmp_path, "--replicas", "2", "--image", "registry.example/raydpo:0.1.0-gpu",
+                       "--gpus-per-worker", "8")
+    assert manifest_problems(manifests, schemas) == []
+    pod = by_kind(manifests, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    # 8 GPUs: 8 x (8 CPUs, 64Gi), not one GPU's share
+    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
+    flagged = render(tmp_path, "--replicas", "2", "--image", "registry.example/raydpo:0.1.0-gpu",
+                     "--gpus-per-worker", "8", "--worker-memory", "1000Gi", "--worker-cpus", "90")
+    pod = by_kind(flagged, "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "90", "memory": "1000Gi", "nvidia.com/gpu": "8"}
+
+
+def test_worker_size_defaults():
+    assert kuberay.worker_size(0) == kuberay.PodSize(cpus=4, memory="16Gi", gpus=0)
+    assert kuberay.worker_size(1) == kuberay.PodSize(cpus=8, memory="64Gi", gpus=1)
+    assert kuberay.worker_size(4, memory="180Gi") == kuberay.PodSize(cpus=32, memory="180Gi", gpus=4)

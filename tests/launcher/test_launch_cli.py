@@ -102,3 +102,31 @@ def test_a_failed_job_is_a_cluster_error_with_exit_code_3(monkeypatch, capsys):
     assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/local.yaml", "--replicas", "2"]) == 3
     err = capsys.readouterr().err
     assert "cluster error: job raysubmit_2 failed on the cluster" in err and "fix: read the log above" in err
+
+
+def test_local_paths_are_refused_for_a_cluster_of_several_machines(calls, capsys):
+    # the AWS launcher YAML: head and workers are separate machines, so outputs/ and a local data file are not shared
+    assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/launcher_aws_gpu.yaml",
+                 "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "local paths, which the cluster's other nodes cannot reach" in err
+    assert "run.output_s3_path:" in err and "is a path on this machine" in err and "s3://bucket/runs" in err
+    assert calls == []
+
+
+def test_object_storage_paths_pass_on_a_cluster_of_several_machines(calls):
+    assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/launcher_aws_gpu.yaml", "--replicas", "2",
+                 "run.data_s3_path=s3://b/train.jsonl", "run.output_s3_path=s3://b/runs"]) == 0
+    assert len(calls) == 1
+
+
+def test_one_machine_is_a_local_provider_on_loopback_addresses_only():
+    from launcher.commands.launch import one_machine
+
+    local = yaml.safe_load((ROOT / "cluster/local.yaml").read_text())
+    assert one_machine(local)
+    local["provider"]["worker_ips"] = ["127.0.0.2", "10.0.0.7"]  # one real machine among them
+    assert not one_machine(local)
+    local["provider"]["worker_ips"] = ["worker-1.example"]
+    assert not one_machine(local)
+    assert not one_machine(yaml.safe_load((ROOT / "cluster/launcher_aws_gpu.yaml").read_text()))

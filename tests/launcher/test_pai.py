@@ -196,3 +196,22 @@ def test_overrides_apply_to_the_translated_recipe():
 def test_a_key_changed_by_an_override_is_not_labelled_as_from_pai():
     (problem,) = problems_of(pai(), overrides=["beta=0.9"])
     assert problem.startswith("training_config.model.dpo_cfg.beta: 0.9 is not allowed")
+
+
+def test_a_pai_file_without_a_name_is_named_after_the_file_and_says_so(tmp_path, capsys):
+    """PAI writes no run name into the hyperparameter file (PAI's job has one): the file's stem names the run."""
+    from launcher.cli import main
+
+    path = tmp_path / "DPO_Qwen2.5 hyperparams.json"
+    path.write_text(yaml.safe_dump(pai(name=...)))
+    recipe, lines = load_recipe_with_explanation(path)
+    assert recipe.run.name == "dpo-qwen2-5-hyperparams"
+    assert any(line.startswith("pai.name not given -> run.name='dpo-qwen2-5-hyperparams' (the file's name")
+               for line in lines)
+    assert main(["validate", str(path), "--explain"]) == 0
+    assert "pai.name not given -> run.name='dpo-qwen2-5-hyperparams'" in capsys.readouterr().out
+    named = tmp_path / "other.yaml"
+    named.write_text(yaml.safe_dump(pai()))
+    assert load_recipe(named).run.name == "qwen2-dpo"  # a name given wins
+    with pytest.raises(ConfigError, match="run.name"):  # a dict has no file name: still required
+        load_recipe(pai(name=...))

@@ -87,3 +87,43 @@ def test_plan_needs_the_gpus(recipe_file, capsys):
     assert main(["plan", str(recipe_file), "--gpu-memory-gb", "80"]) == 2
     err = capsys.readouterr().err
     assert "--gpus-per-node must be a positive number" in err and "fix:" in err
+
+
+def test_plan_refuses_a_batch_the_gpus_cannot_share(recipe_file, capsys):
+    # valid for 2 replicas (8 pairs / 2), but 2 replicas of 8 GPUs are 16 workers for 8 pairs
+    code = main(["plan", str(recipe_file), "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--replicas", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "global_batch_size=8 does not split over 16 workers (run.replicas=2 × 8 GPUs per node)" in err
+    assert "fix:" in err and "multiple of 16" in err
+    assert "Traceback" not in err and "AssertionError" not in err
+
+
+def test_inference_stage_hand_worked():
+    from training.memory_plan import RUNTIME_OVERHEAD_BYTES, inference_stage
+
+    # 1000 params in bf16 = 2000 B; on a GPU of 1e-6 GB (1073.7 B) at 80%: 858.99 B per GPU -> ceil(2.33) = 3 GPUs
+    gpus, per_gpu = inference_stage(MODEL, RUN, gpu_memory_gb=1e-6, tokens_per_forward=16)
+    assert gpus == 3
+    # 2000 / 3 weights + 16 x 34 x 4 activations (one layer, bf16) + 16 x 10 x 2 logits + 5 x 10 x 4 fp32 chunk
+    assert per_gpu == pytest.approx(2000 / 3 + 2176 + 320 + 200 + RUNTIME_OVERHEAD_BYTES)
+    assert inference_stage(MODEL, RUN, gpu_memory_gb=80)[0] == 1  # fits one GPU: no split
+
+
+def test_sharding_decisions_hand_worked():
+    from core.sharding import actors_for, gpus_for_weights, load_kwargs
+
+    # a 70B model in bf16 (140e9 B) on 80 GiB GPUs at 80% (68.7e9 B each): 3 GPUs; a 7B one (14e9 B): 1
+    assert gpus_for_weights(140e9, 80 * 2**30) == 3
+    assert gpus_for_weights(14e9, 80 * 2**30) == 1
+    assert load_kwargs(1, 80 * 2**30) == {"device_map": {"": 0}}
+    budget = int(0.8 * 80 * 2**30)
+    assert load_kwargs(3, 80 * 2**30) == {"device_map": "auto", "max_memory": {0: budget, 1: budget, 2: budget,
+                                                                               "cpu": 0}}
+    # an 8-GPU node: 8 one-GPU actors, or 2 of 3 GPUs each (2 GPUs idle); never zero actors
+    assert (actors_for(8, 1, 8), actors_for(8, 3, 8), actors_for(2, 3, 2)) == (8, 2, 1)
+
+
+def test_plan_counts_the_reference_stage(recipe_file, capsys):
+    assert main(["plan", str(recipe_file), "--gpus-per-node", "2", "--gpu-memory-gb", "80"]) == 0
+    assert "reference stage (before training) and generator: one GPU per actor" in capsys.readouterr().out

@@ -254,8 +254,8 @@ RANGE_CASES = [
     ("run.name", "My_Run", "a Kubernetes name"),
     ("run.name", "a" * 64, "at most 63 characters"),
     ("run.name", "-run", "a Kubernetes name"),
-    ("run.data_s3_path", "s3://s3://prefs/pairs/", "at most one scheme"),
-    ("run.output_s3_path", "s3://s3://prefs/runs", "at most one scheme"),
+    ("run.data_s3_path", "s3://s3://prefs/pairs/", "an s3:// URI with a bucket"),
+    ("run.output_s3_path", "s3://s3://prefs/runs", "an s3:// URI with a bucket"),
 ]
 
 

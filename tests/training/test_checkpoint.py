@@ -6,18 +6,24 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from core.config import LoraTuning
 from tests.s3server import s3_server  # noqa: F401
 from training import checkpoint as ckpt
+from training.plan import RunPlan
 from core import storage
 from core.errors import ConfigError, StorageError
 
-PLAN = {"workers": 2, "zero_stage": 3, "micro_batch": 4, "accum": 1, "micro_steps_per_epoch": 6, "total_steps": 6, "train_pairs": 50,
-        "shuffle_buffer": 1000, "run_uri": "unused"}
+PLAN = RunPlan(workers=2, use_gpu=False, placement_strategy="PACK", zero_stage=3, micro_batch=4, accum=1,
+               micro_steps_per_epoch=6, steps_per_epoch=6, total_steps=6, train_pairs=50, validation_pairs=0,
+               has_validation=False, val_every=None, checkpoint_every=None, log_every=1, reference="precompute",
+               shuffle_buffer=1000, group_buffer=1000, run_uri="unused", model_uri="unused/model",
+               ray_train_uri="unused/ray_train")
 FAST = storage.RetryPolicy(tries=3, first_delay_s=0.01, max_delay_s=0.02)
 
 
@@ -70,7 +76,7 @@ def test_a_checkpoint_registered_by_this_run_wins_over_the_drivers_choice():
 def test_resuming_with_another_replica_count_is_refused_naming_the_checkpoints_count():
     saved = {"plan": ckpt.plan_fingerprint(PLAN, seed=42)}
     ckpt.check_resumable(saved, PLAN, 42, "/r/ck")  # same plan: fine
-    four = PLAN | {"workers": 4, "micro_batch": 2}
+    four = replace(PLAN, **{"workers": 4, "micro_batch": 2})
     with pytest.raises(ConfigError) as err:
         ckpt.check_resumable(saved, four, 42, "/r/ck")
     text = str(err.value)
@@ -82,7 +88,7 @@ def test_resuming_with_another_replica_count_is_refused_naming_the_checkpoints_c
 def test_resuming_under_another_data_plan_is_refused():
     saved = {"plan": ckpt.plan_fingerprint(PLAN, seed=42)}
     with pytest.raises(ConfigError) as err:
-        ckpt.check_resumable(saved, PLAN | {"total_steps": 12}, 42, "/r/ck")
+        ckpt.check_resumable(saved, replace(PLAN, **{"total_steps": 12}), 42, "/r/ck")
     assert err.value.problems == ["total_steps: the checkpoint was written with 6, this run has 12"]
     with pytest.raises(ConfigError, match="seed: the checkpoint was written with 42, this run has 7"):
         ckpt.check_resumable(saved, PLAN, 7, "/r/ck")
@@ -146,7 +152,7 @@ def test_written_checkpoint_records_state_position_and_each_ranks_files(tmp_path
     assert saved["plan"]["workers"] == 2 and saved["plan"]["seed"] == 42
     marker = json.loads((tmp_path / ckpt.marker_name(0)).read_text())
     assert marker["files"]["state/zero_pp_rank_0_mp_rank_00_optim_states.pt"] == 100
-    assert set(marker["files"]) == {"latest", "rng_rank0.pt", ckpt.STATE_FILE,
+    assert set(marker["files"]) == {"latest", "rng_rank0.json", ckpt.STATE_FILE,
                                     "state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                     "state/zero_pp_rank_0_mp_rank_00_model_states.pt"}
     rank1 = tmp_path / "rank1"
@@ -304,26 +310,41 @@ def test_a_rank_restoring_from_s3_downloads_its_own_files(s3_server, tmp_path):
     with ckpt.local_copy(uri, rank=1) as folder:
         got = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
         assert json.loads(Path(folder, ckpt.STATE_FILE).read_text())["step"] == 2
-    assert got == ["complete_rank1.json", "latest", "raydpo_state.json", "rng_rank1.pt",
+    assert got == ["complete_rank1.json", "latest", "raydpo_state.json", "rng_rank1.json",
                    "state/zero_pp_rank_1_mp_rank_00_model_states.pt", "state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert not Path(folder).exists()  # the copy is removed after loading
 
 
-def test_upload_rides_out_a_server_restart(s3_server, tmp_path):
+def test_upload_rides_out_a_server_restart(s3_server, tmp_path, monkeypatch):
     bucket = s3_server.make_bucket("ckpt-restart")
     local = tmp_path / "local"
     local.mkdir()
     ckpt.write_checkpoint(FakeEngine(0), str(local), {"step": 2, "epoch": 0, "micro_in_epoch": 2}, rank=0, world=1,
                           plan=PLAN, seed=42, lora=True)
+    calls, real = [], storage.filesystem_for
+
+    class RestartAfterTheFirstFailure:  # the server comes back only once raydpo's first try has failed for good:
+        def __init__(self, fs):         # botocore's and s3fs's own retries cannot ride the outage out
+            self.fs = fs
+
+        def put_file(self, source, target):
+            calls.append(target)
+            try:
+                return self.fs.put_file(source, target)
+            finally:
+                if len(calls) == 1:
+                    s3_server.start()
+
+    monkeypatch.setattr(storage, "filesystem_for", lambda uri: (RestartAfterTheFirstFailure(real(uri)[0]),
+                                                                real(uri)[1]))
     s3_server.stop()
-    restart = threading.Timer(1.0, s3_server.start)
-    restart.start()
-    try:  # tries after 0.5 s, 1.5 s, 3.5 s: the server is back after 1 s
+    try:
         ckpt.upload_folder(str(local), f"{bucket}/run/ray_train/checkpoint_a",
                            retry=storage.RetryPolicy(tries=4, first_delay_s=0.5))
     finally:
-        restart.join()
         s3_server.start()
+    monkeypatch.setattr(storage, "filesystem_for", real)
+    assert calls[0] == calls[1]  # the first file, tried again by raydpo's retry
     assert ckpt.missing_parts(f"{bucket}/run/ray_train/checkpoint_a") == []
 
 
@@ -368,7 +389,7 @@ def test_a_bucket_that_disappears_stops_the_upload_with_a_storage_error(s3_serve
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO-3 with LoRA, one process
 
-LORA = {"loraplus_lr_ratio": 0.0, "alpha": 16, "adapter_dim": 4, "adapter_dropout": 0.0, "target_modules": "all-linear"}
+LORA = LoraTuning(alpha=16, adapter_dim=4, adapter_dropout=0.0)  # training_config.model.peft.lora_tuning
 OPTIM = {"lr": 1e-2, "name": "adamw", "adam_w_mode": True, "eps": 1e-8, "weight_decay": 0.0, "betas": (0.9, 0.999)}
 
 
@@ -406,7 +427,8 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
     import torch
 
     from training import ds_config
-    from training.loop import build_optimizer, load_under_zero_init, wrap_lora
+    from training.loop import load_under_zero_init, wrap_lora
+    from training.optim import build_optimizer
 
     deepspeed = single_process_group
 
@@ -415,7 +437,7 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
         config["zero_allow_untested_optimizer"] = True
         model, _hf = load_under_zero_init(str(tiny_model_dir), torch.float32, config, {})
         model = wrap_lora(model, LORA, torch.float32, gradient_checkpointing=False)
-        optimizer = build_optimizer(model, OPTIM, LORA)
+        optimizer = build_optimizer(model, **OPTIM, on_gpu=False)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         return engine
@@ -433,9 +455,9 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
         train_step(first, seed)
     state = {"step": 3, "epoch": 0, "micro_in_epoch": 3}
     rows = [{"step": s, "split": "train", "loss": 0.7 - 0.1 * s} for s in (2, 3)]  # reported since the last one
-    ckpt.write_checkpoint(first, str(tmp_path / "lora"), state, rank=0, world=1, plan=PLAN | {"workers": 1, "zero_stage": stage},
+    ckpt.write_checkpoint(first, str(tmp_path / "lora"), state, rank=0, world=1, plan=replace(PLAN, **{"workers": 1, "zero_stage": stage}),
                           seed=42, lora=True, rows=rows)
-    ckpt.write_checkpoint(first, str(tmp_path / "whole"), state, rank=0, world=1, plan=PLAN | {"workers": 1, "zero_stage": stage},
+    ckpt.write_checkpoint(first, str(tmp_path / "whole"), state, rank=0, world=1, plan=replace(PLAN, **{"workers": 1, "zero_stage": stage}),
                           seed=42, lora=False)
     torch.manual_seed(123)  # the checkpoint's RNG state must come back, whatever happened since
     expected = [train_step(first, seed) for seed in range(3, 6)]
@@ -444,15 +466,15 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
     torch.manual_seed(1)  # other adapter initialisation: the checkpoint must overwrite it
     second = new_engine()
     assert ckpt.restore(second, str(tmp_path / "lora"), rank=0) == state | {"rows": rows}  # rows: replayed
-    saved_rng = torch.load(tmp_path / "lora" / "rng_rank0.pt", weights_only=False)["torch"]
-    assert torch.equal(torch.get_rng_state(), saved_rng)
+    saved_rng = json.loads((tmp_path / "lora" / "rng_rank0.json").read_text())
+    assert torch.equal(torch.get_rng_state(), ckpt._tensor(saved_rng["torch"]))
     got = [train_step(second, seed) for seed in range(3, 6)]
     assert got == pytest.approx(expected, abs=1e-6)  # same weights, optimizer moments and schedule
     assert second.lr_scheduler.get_last_lr() == pytest.approx(lr_after)
 
     states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    adapters_only = torch.load(tmp_path / "lora" / "state" / states, weights_only=False)
-    whole = torch.load(tmp_path / "whole" / "state" / states, weights_only=False)
+    adapters_only = ckpt.load_tensors_only(str(tmp_path / "lora" / "state" / states))
+    whole = ckpt.load_tensors_only(str(tmp_path / "whole" / "state" / states))
     if stage == 3:
         assert whole["frozen_param_fragments"]  # without the exclusion the frozen base partitions are saved too
         assert not adapters_only.get("frozen_param_fragments")
@@ -462,3 +484,66 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
     lora_bytes = sum(p.stat().st_size for p in (tmp_path / "lora").rglob("*") if p.is_file())
     whole_bytes = sum(p.stat().st_size for p in (tmp_path / "whole").rglob("*") if p.is_file())
     assert lora_bytes < whole_bytes
+
+    # a file planted in the checkpoint store (here: the optimizer states DeepSpeed loads) runs nothing on restore
+    proof = tmp_path / "ran"
+    planted = "zero_pp_rank_0_mp_rank_00_optim_states.pt" if stage == 3 else states
+    torch.save(Planted(str(proof)), tmp_path / "lora" / "state" / planted)
+    with pytest.raises(StorageError) as err:
+        ckpt.restore(new_engine(), str(tmp_path / "lora"), rank=0)
+    assert not proof.exists()
+    assert f"{planted} holds objects other than tensors" in err.value.what
+
+
+class Planted:
+    """A pickle that runs a shell command when unpickled (what a crafted checkpoint file would do)."""
+
+    def __init__(self, proof: str):
+        self.proof = proof
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.proof}",)
+
+
+def test_rng_state_round_trips_through_json():
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = json.loads(json.dumps(ckpt.rng_state()))
+    expected = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    for _ in range(3):
+        random.random(), np.random.rand(), torch.rand(5)
+    ckpt.set_rng_state(saved)
+    assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == expected
+
+
+def test_restore_never_unpickles_a_planted_file(tmp_path):
+    """An old-style rng_rank0.pt and a DeepSpeed state file, both crafted to run a command: neither runs."""
+    import torch
+
+    ckpt.write_checkpoint(FakeEngine(0), str(tmp_path), {"step": 2, "epoch": 0, "micro_in_epoch": 2}, rank=0,
+                          world=1, plan=PLAN, seed=42, lora=True)
+    proof = tmp_path / "ran"
+    (tmp_path / ckpt.rng_name(0)).unlink()
+    torch.save(Planted(str(proof)), tmp_path / "rng_rank0.pt")  # where raydpo kept RNG state before
+    torch.save(Planted(str(proof)), tmp_path / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+    class LoadsLikeDeepSpeed:  # DeepSpeed's load_checkpoint reads every state file through its checkpoint engine
+        class checkpoint_engine:  # noqa: N801
+            @staticmethod
+            def load(path, map_location=None):
+                return torch.load(path, map_location=map_location, weights_only=False)
+
+        def load_checkpoint(self, folder, **_):
+            for path in sorted(Path(folder, "state").glob("*.pt")):
+                self.checkpoint_engine.load(str(path))
+
+    engine = LoadsLikeDeepSpeed()
+    with pytest.raises(StorageError) as err:
+        ckpt.restore(engine, str(tmp_path), rank=0)
+    assert not proof.exists()
+    assert "state/zero_pp_rank_0_mp_rank_00_optim_states.pt holds objects other than tensors" in err.value.what
+    assert "os.system" in err.value.why or "posix.system" in err.value.why  # what it would have called

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from core import devices
+from core.errors import ConfigError
 from training import ds_config
 
 
@@ -18,6 +19,18 @@ def test_batch_plan_keeps_the_global_batch(global_batch, workers, micro, expecte
     got = ds_config.batch_plan(global_batch, workers, micro)
     assert got == expected
     assert got[0] * got[1] * workers == global_batch
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_a_config_error():
+    # run.replicas=2 on 8-GPU nodes: 16 workers cannot share 8 pairs a step
+    with pytest.raises(ConfigError) as info:
+        ds_config.batch_plan(8, 16, None, replicas=2)
+    assert "16 workers (run.replicas=2 × 8 GPUs per node)" in info.value.what
+    assert "multiple of 16 (16, 32, 64" in info.value.fix and "1, 2, 4, 8" in info.value.fix
+    # 12 pairs over 2 workers is 6 each: a micro batch of 4 does not divide it
+    with pytest.raises(ConfigError, match="micro_batch_size=4 does not divide the 6 pairs") as info:
+        ds_config.batch_plan(12, 2, 4)
+    assert "1, 2, 3, 6" in info.value.fix
 
 
 def test_dividing_worker_counts():
@@ -82,6 +95,15 @@ def test_one_worker_runs_without_partitioning_unless_the_recipe_asks():
     plain = ds_config.deepspeed_config(micro_batch=1, accum=4, workers=1, precision="fp32", stage=0)
     assert plain["zero_optimization"] == {"stage": 0}  # no ZeRO-3 keys where DeepSpeed would reject or ignore them
     assert plain["train_batch_size"] == 4
+
+
+def test_gradients_accumulate_in_fp32_and_bf16_without_zero_gets_master_weights():
+    for workers, stage, precision, engine in [(2, 3, "bf16", 3), (1, 0, "bf16", 1), (1, 0, "fp32", 0)]:
+        config = ds_config.deepspeed_config(micro_batch=1, accum=8, workers=workers, precision=precision,
+                                            stage=stage)
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+        # stage 0 + bf16 + fp32 accumulation is DeepSpeed's NotImplementedError; stage 1 is its bf16 optimizer
+        assert config["zero_optimization"]["stage"] == engine
 
 
 def test_optimizer_choice():

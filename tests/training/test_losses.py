@@ -256,7 +256,7 @@ def test_rpo_term_by_hand():
         (dict(loss_type="dpo", beta=0.1), "is not one of"),
         (dict(loss_type="sigmoid", beta=0.0), "beta must be > 0"),
         (dict(loss_type="robust", beta=0.1, label_smoothing=0.5), r"\[0, 0.5\)"),
-        (dict(loss_type="ipo", beta=0.1, label_smoothing=0.1), "no meaning for loss_type 'ipo'"),
+        (dict(loss_type="ipo", beta=0.1, label_smoothing=0.1), "loss_type 'ipo' has no label smoothing"),
         (dict(loss_type="hinge", beta=0.1, rpo_alpha=-1.0), "rpo_alpha must be"),
     ],
 )

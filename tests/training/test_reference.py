@@ -14,8 +14,9 @@ import yaml
 from core.batch import collate_pairs
 from core.forward import sequence_logps_of
 from training.losses import dpo_loss
-from training.reference import (ReferenceStage, cache_key, file_fingerprints, forward_groups, model_fingerprint,
-                                token_settings)
+from launcher.recipe import load_recipe
+from training import reference
+from training.reference import ReferenceStage, cache_key, file_fingerprints, forward_groups, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = {"prompt_ids": [[5, 6, 7], [8], [30, 31, 32, 33, 34], [40, 41]],
@@ -27,6 +28,11 @@ def recipe(model: str, out: str = "/tmp/out") -> dict:
     r = yaml.safe_load((ROOT / "recipes" / "reference.yaml").read_text())
     r["run"] |= {"model_name_or_path": model, "output_s3_path": out}
     return r
+
+
+def token_settings(raw: dict, precision: str) -> dict:
+    """training/reference.py token_settings of the typed recipe a raw (mutated) one loads to."""
+    return reference.token_settings(load_recipe(raw), precision)
 
 
 def as_ray_batch(pairs: dict) -> dict:
@@ -133,8 +139,8 @@ def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_
     ray.init(num_cpus=3, include_dashboard=False)  # a tokenizer actor, a model actor, the read tasks
     try:
         def run(r):
-            datasets = {"train": tokenized_dataset([str(data)], r, "train", 0.0)}
-            out, info = precompute_reference(datasets, r, key_parts={"train": file_fingerprints([str(data)])},
+            datasets = {"train": tokenized_dataset([str(data)], load_recipe(r), "train", 0.0)}
+            out, info = precompute_reference(datasets, load_recipe(r), key_parts={"train": file_fingerprints([str(data)])},
                                              on_gpu=False, actors=1, chunk_size=1024, say=said.append)
             rows = sorted(out["train"].take_all(), key=lambda row: row["source"])
             return rows, info

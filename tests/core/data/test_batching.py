@@ -85,7 +85,8 @@ def test_grouped_micro_batches_collate_columns_in_a_fixed_order():
 
 def test_grouping_cuts_padding_on_hh_harmless(shared, tiny_model_dir):
     """Real prompt and response lengths: random micro-batches of 4 pairs waste far more than grouped ones."""
-    from core.data.formats import iter_raw_rows, parse_line
+    from core.data.formats import parse_line
+    from core.data.raw_rows import iter_raw_rows
     from core.data.tokenize import tokenize_record
     from core.models import load_tokenizer
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core.data import formats
+from core.data import formats, raw_rows
 from core.data.format_parsers import UNPAIRED_REASON
-from core.data.formats import (detect_format, iter_raw_rows, length_stats, nearest_rank, parse_batch, parse_line,
-                                   scan, write_records)
+from core.data.formats import (detect_format, length_stats, nearest_rank, parse_batch, parse_line, scan,
+                               write_records)
+from core.data.raw_rows import iter_raw_rows
 from core.data.record import RECORD_KEYS, make_record
 from core.errors import DataError
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
@@ -321,12 +322,12 @@ def test_listing_folders_and_files_in_order_without_duplicates(tmp_path):
     for name in ("b/2.jsonl.gz", "a.json", "c.jsonl", "notes.txt", ".hidden.jsonl"):
         (tmp_path / name).write_text("")
     expected = [str(tmp_path / n) for n in ("a.json", "b/2.jsonl.gz", "c.jsonl")]
-    assert formats.data_files([str(tmp_path / "c.jsonl"), str(tmp_path)]) == [expected[2]] + expected[:2]
+    assert raw_rows.data_files([str(tmp_path / "c.jsonl"), str(tmp_path)]) == [expected[2]] + expected[:2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data files in"):
-        formats.data_files([str(tmp_path / "empty")])
+        raw_rows.data_files([str(tmp_path / "empty")])
     with pytest.raises(DataError, match="no data at"):
-        formats.data_files([str(tmp_path / "nope")])
+        raw_rows.data_files([str(tmp_path / "nope")])
 
 
 def test_scan_reads_s3_and_keeps_the_uri_in_sources(s3_server, tmp_path):  # noqa: F811

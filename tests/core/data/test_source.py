@@ -10,7 +10,8 @@ import pytest
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
 from core import storage
 from core.data import source
-from core.data.formats import parse_line, unreadable_row
+from core.data.formats import parse_line
+from core.data.raw_rows import is_json_array, read_error, unreadable_row
 from core.errors import DataError, StorageError
 
 # Each file's bytes and the rows they must give: (text, line). Blank lines are not rows but still count.
@@ -39,10 +40,10 @@ def blocks_of(data: bytes, name: str) -> list[dict]:
 # ---------------------------------------------------------------- without Ray
 
 def test_is_json_array():
-    assert source.is_json_array(b"\xef\xbb\xbf \n\t[{}]")
-    assert source.is_json_array(b"[")
-    assert not source.is_json_array(b'{"a": [1]}')
-    assert not source.is_json_array(b"")
+    assert is_json_array(b"\xef\xbb\xbf \n\t[{}]")
+    assert is_json_array(b"[")
+    assert not is_json_array(b'{"a": [1]}')
+    assert not is_json_array(b"")
 
 
 def test_block_ready():
@@ -88,15 +89,15 @@ def test_a_malformed_json_array_is_one_reported_row():
 def test_read_errors_say_what_went_wrong():
     from botocore.exceptions import EndpointConnectionError
 
-    corrupt = source.read_error("s3://b/x.jsonl.gz", OSError("zlib inflate failed: incorrect header check"))
+    corrupt = read_error("s3://b/x.jsonl.gz", OSError("zlib inflate failed: incorrect header check"))
     assert isinstance(corrupt, DataError) and corrupt.what == "cannot read s3://b/x.jsonl.gz"
     assert "gzip" in corrupt.fix
-    down = source.read_error("s3://b/x.jsonl", EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    down = read_error("s3://b/x.jsonl", EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
     assert isinstance(down, StorageError) and "stopped answering" in down.why
-    gone = source.read_error("s3://b/x.jsonl", PermissionError("Access Denied"))
+    gone = read_error("s3://b/x.jsonl", PermissionError("Access Denied"))
     assert isinstance(gone, StorageError) and "access denied" in gone.why
     bug = KeyError("x")
-    assert source.read_error("f", bug) is bug
+    assert read_error("f", bug) is bug
 
 
 def test_mixing_local_and_s3_is_refused(tmp_path):

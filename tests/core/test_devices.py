@@ -1,0 +1,65 @@
+"""CPU threads under a container's CPU quota (core/devices.py), against numbers worked by hand."""
+from core import devices
+
+
+def test_quota_in_whole_cores():
+    assert devices.quota_cores(800_000, 100_000) == 8  # limits.cpu: 8
+    assert devices.quota_cores(150_000, 100_000) == 1  # 1.5 CPUs: a second thread would be throttled half the time
+    assert devices.quota_cores(50_000, 100_000) == 1  # half a CPU: still one thread
+    assert devices.quota_cores(None, 100_000) is None and devices.quota_cores(-1, 100_000) is None  # v1 "no quota"
+
+
+def test_cpu_max_parsing():
+    assert devices.parse_cpu_max("400000 100000\n") == (400_000, 100_000)
+    assert devices.parse_cpu_max("max 100000\n") == (None, 100_000)
+    assert devices.parse_cpu_max("") == (None, None)
+
+
+def test_usable_cores_is_the_affinity_capped_by_the_quota(tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("800000 100000\n")  # a pod limited to 8 CPUs on a 96-core node
+    missing = (str(tmp_path / "no-quota"), str(tmp_path / "no-period"))
+    assert devices.usable_cores(96, str(cpu_max), missing) == 8
+    assert devices.usable_cores(4, str(cpu_max), missing) == 4  # the affinity is already smaller
+    cpu_max.write_text("max 100000\n")
+    assert devices.usable_cores(96, str(cpu_max), missing) == 96
+    # cgroup v1: quota and period files
+    quota, period = tmp_path / "quota", tmp_path / "period"
+    quota.write_text("300000\n")
+    period.write_text("100000\n")
+    assert devices.usable_cores(96, str(tmp_path / "absent"), (str(quota), str(period))) == 3
+    assert devices.usable_cores(96, str(tmp_path / "absent"), missing) == 96
+    # two workers of that 8-CPU pod get 4 threads each, not 48
+    cpu_max.write_text("800000 100000\n")
+    assert devices.cpu_threads(devices.usable_cores(96, str(cpu_max), missing), 2) == 4
+
+
+def test_quantization_is_decided_by_the_workers_devices():
+    assert devices.quantization_problem(None, on_gpu=False, bitsandbytes_installed=False) is None
+    assert "no CUDA device" in devices.quantization_problem("4bit", on_gpu=False, bitsandbytes_installed=True)
+    assert "bitsandbytes is not installed" in devices.quantization_problem("8bit", on_gpu=True,
+                                                                           bitsandbytes_installed=False)
+    assert devices.quantization_problem("4bit", on_gpu=True, bitsandbytes_installed=True) is None
+
+
+def test_a_worker_that_cannot_quantize_says_so_with_the_recipe_key():
+    import pytest
+
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training_config.model.peft.quantization=4bit cannot be loaded") as err:
+        devices.require_quantization("4bit", on_gpu=False)
+    assert "quantization=null" in str(err.value.fix)
+    devices.require_quantization(None, on_gpu=False)  # nothing asked: nothing to check
+
+
+def test_the_driver_no_longer_refuses_quantization_from_its_own_devices(tiny_model_dir):
+    # a CPU head node driving GPU workers: check_model_knobs must not look at this machine's CUDA
+    from launcher.commands.train import check_model_knobs
+    from launcher.recipe import load_recipe
+
+    peft = {"peft_scheme": "lora", "quantization": "4bit"}
+    recipe = load_recipe({"run": {"name": "q", "model_name_or_path": str(tiny_model_dir), "data_s3_path": "d",
+                                  "output_s3_path": "o"},
+                          "training_config": {"model": {"peft": peft}}})
+    check_model_knobs(recipe)  # raised "needs a GPU" here before

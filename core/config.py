@@ -10,8 +10,12 @@ without a default are required. What each key allows beyond its type, and the ch
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 # ---------------------------------------------------------------- training recipes (Nova's DPO shape)
@@ -151,6 +155,31 @@ def as_dict(recipe: Any) -> dict:
 def run_uri(recipe: Recipe) -> str:
     """Where a training run's outputs go: <output_s3_path>/<run.name>."""
     return recipe.run.output_s3_path.rstrip("/") + "/" + recipe.run.name
+
+
+def from_dict(cls: type, tree: dict | None) -> Any:
+    """as_dict's inverse, for a recipe raydpo wrote itself (a run's recipe.yaml, checked when the run began):
+    sections become their dataclasses, lists tuples, absent keys their defaults. Not a validator: a recipe a
+    user wrote goes through launcher/recipe.py."""
+    tree = {} if tree is None else tree
+    assert isinstance(tree, dict), f"{cls.__name__}: a section, got {tree!r}"  # as_dict wrote every section whole
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        value = tree[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = from_dict(hints[f.name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def saved_recipe(run_dir: str | Path) -> Recipe:
+    """The typed Recipe of a training run folder's recipe.yaml (what the model was trained from and how)."""
+    return from_dict(Recipe, yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8")))
 
 
 # ---------------------------------------------------------------- evaluation recipes (Nova's evaluation shape)

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from core.config import saved_recipe
 from core.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,13 +50,8 @@ def model_name(argument: str) -> str:
 def base_of_adapter(model_dir: Path) -> str:
     """The adapter's base as the run's recipe names it (run.model_name_or_path), else adapter_config.json's.
     (training/export.py reads it the same way; serving does not import the training wing.)"""
-    recipe = model_dir.parent / "recipe.yaml"
-    if recipe.is_file():
-        import yaml
-
-        source = ((yaml.safe_load(recipe.read_text()) or {}).get("run") or {}).get("model_name_or_path")
-        if source:
-            return str(source)
+    if (model_dir.parent / "recipe.yaml").is_file():
+        return saved_recipe(model_dir.parent).run.model_name_or_path
     source = json.loads((model_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not source:
         raise ConfigError(f"{model_dir / ADAPTER_CONFIG} names no base model",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from core.config import saved_recipe
 from core.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,14 +58,8 @@ def find_model_dir(output: Path) -> Path:
 def base_model_source(model_dir: Path) -> str:
     """The base of an adapter: the run's recipe (run.model_name_or_path, any source raydpo loads) when the
     adapter sits in a run folder, else the adapter's own base_model_name_or_path."""
-    recipe_path = model_dir.parent / "recipe.yaml"
-    if recipe_path.is_file():
-        import yaml
-
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
-        source = (recipe.get("run") or {}).get("model_name_or_path")
-        if source:
-            return str(source)
+    if (model_dir.parent / "recipe.yaml").is_file():
+        return saved_recipe(model_dir.parent).run.model_name_or_path
     config = json.loads((model_dir / ADAPTER_CONFIG).read_text())
     source = config.get("base_model_name_or_path")
     if not source:

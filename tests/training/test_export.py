@@ -9,7 +9,7 @@ import yaml
 
 from tests.s3server import s3_server  # noqa: F401 - the session fixture
 from tests.tiny import CHAT_TEMPLATE, build_tiny_model_dir
-from core import storage
+from core import config, storage
 from training import export
 from core.errors import ConfigError
 
@@ -32,8 +32,11 @@ def lora_run(root, base_dir):
                 param.normal_(std=0.5)
     model.save_pretrained(str(run / "model"))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(run / "model"))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"run": {"name": "lora-run", "model_name_or_path": str(base_dir)},
-                                                     "training_config": {"model": {"peft": {"peft_scheme": "lora"}}}}))
+    recipe = config.Recipe(run=config.Run(name="lora-run", model_name_or_path=str(base_dir), data_s3_path="data",
+                                          output_s3_path=str(run.parent)),
+                           training_config=config.TrainingConfig(model=config.ModelCfg(
+                               peft=config.Peft(peft_scheme="lora"))))
+    (run / "recipe.yaml").write_text(yaml.safe_dump(config.as_dict(recipe), sort_keys=False))  # as the driver writes
     return run
 
 

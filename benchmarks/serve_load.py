@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,14 @@ QUESTIONS = ["What is the capital of France?", "Give me three tips for staying f
              "Explain what a neural network is in one sentence.", "Write a haiku about the sea.",
              "How do I boil an egg?", "What is 12 times 7?", "Name a famous painter and one painting.",
              "Why is the sky blue?"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,7 +104,7 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -105,28 +112,28 @@ def main() -> int:
     baseline = one_at_a_time(args.model, args.min_requests, args.max_tokens)
     print(json.dumps(baseline), flush=True)
 
-    import ray
     from ray import serve
 
+    from cluster.session import ray_session
+    from core.models import cache_root
     from serving.app import build_app
     from serving.sources import model_name
 
+    port = args.port or free_port()
     rows = [baseline]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # a local cluster as `raydpo serve` starts one (loopback only, stopped at the end)
+    with ray_session(num_cpus=2, num_gpus=None, log_file=cache_root() / "logs" / "serve-load.log"):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"models": [args.model], "max_batch_size": args.max_batch_size}), name="raydpo",
                   route_prefix="/")
-        url = f"http://127.0.0.1:{args.port}"
+        url = f"http://127.0.0.1:{port}"
         load(url, model_name(args.model), 2, 4, 4)  # warm-up: the first batch pays for lazy initialisation
         for clients in levels:
             row = load(url, model_name(args.model), clients, max(args.min_requests, clients * args.requests_per_client),
                        args.max_tokens)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    finally:
         serve.shutdown()
-        ray.shutdown()
     for row in rows:
         row["tokens_per_s_vs_one_at_a_time"] = round(row["tokens_per_s"] / baseline["tokens_per_s"], 2)
     print(f"\n| setting | requests | errors | requests/s | tokens/s | x one-at-a-time | p50 s | p95 s |\n"

@@ -11,7 +11,6 @@ replica. `build_app(args)` is the application builder both `raydpo serve` and a 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,12 +94,12 @@ class ModelServer:
                 index = p * job["n"] + j
                 rows.append(Row(prompt_ids=ids, max_new_tokens=job["max_new_tokens"], adapter=job["adapter"],
                                 temperature=job["temperature"], top_p=job["top_p"], seed=job["seed"],
-                                stops=job["stops"], index=index, sink=sinks[index] if sinks else None))
+                                stops=job["stops"], index=index, sink=sinks[index] if sinks else None,
+                                request=job["id"]))
         return rows
 
     async def generate(self, job: dict) -> list[dict]:
-        choices = await asyncio.gather(*(self._run(row) for row in self._rows(job)))
-        return [asdict(c) for c in choices]
+        return [asdict(_raised(c)) for c in await asyncio.gather(*(self._run(row) for row in self._rows(job)))]
 
     async def stream(self, job: dict):
         """Yields {"index", "delta"} as text is generated, then {"index", "finish_reason", "tokens"} per row."""
@@ -119,8 +118,15 @@ class ModelServer:
                 yield {"index": index, "delta": payload}
             else:
                 pending -= 1
-                choice = payload.result()
+                choice = _raised(payload.result())
                 yield {"index": index, "finish_reason": choice.finish_reason, "tokens": choice.tokens}
+
+
+def _raised(answer):
+    """The engine answers a row whose generate() failed with the exception: raise it for this request only."""
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def message_text(content) -> str:
@@ -151,10 +157,14 @@ class OpenAIIngress:
             raise api.unknown_model(model, list(self.routes))
         return self.routes[model]
 
-    def _job(self, body: api.SamplingFields, gi: int, adapter: str, prompts: list[list[int]]) -> dict:
-        budget = min(api.completion_budget(len(ids), body.token_budget(), self.contexts[gi]) for ids in prompts)
-        return {"prompts": prompts, "n": body.n, "max_new_tokens": budget, "adapter": adapter,
-                "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stops": body.stop_list()}
+    def _job(self, body: api.SamplingFields, gi: int, adapter: str, prompts: list[list[int]], param: str) -> dict:
+        if any(not ids for ids in prompts):
+            raise api.APIError(400, "a prompt is empty (no tokens)", param=param)
+        budget = min(api.completion_budget(len(ids), body.token_budget(), self.contexts[gi], param=param)
+                     for ids in prompts)
+        return {"id": api.new_id("job"), "prompts": prompts, "n": body.n, "max_new_tokens": budget,
+                "adapter": adapter, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                "stops": body.stop_list()}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page(self):
@@ -182,7 +192,7 @@ class OpenAIIngress:
         except Exception as err:  # a template that refuses the turns (e.g. roles out of order) is the client's
             raise api.APIError(400, f"the model's chat template refused the messages: {err}", param="messages")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        job = self._job(body, gi, adapter, [ids])
+        job = self._job(body, gi, adapter, [ids], "messages")
         if body.stream:
             return self._sse(self._chat_events(body, gi, job, len(ids)))
         choices = await self._generate(gi, job)
@@ -195,7 +205,7 @@ class OpenAIIngress:
         if not prompts:
             raise api.APIError(400, "prompt is empty", param="prompt")
         ids = [self.tokenizers[gi](p, add_special_tokens=False)["input_ids"] for p in prompts]
-        job = self._job(body, gi, adapter, ids)
+        job = self._job(body, gi, adapter, ids, "prompt")
         prompt_tokens = sum(len(i) for i in ids)
         if body.stream:
             return self._sse(self._completion_events(body, gi, job, prompt_tokens))

@@ -30,9 +30,14 @@ class Row:
     stops: list[str] = field(default_factory=list)
     index: int = 0
     sink: Callable[[str], None] | None = None   # receives text deltas as they are generated
+    request: str = ""                            # rows of one request share it (a seed repeats only its own rows)
 
     def sampling_key(self) -> tuple:
-        return (self.temperature, self.top_p, self.seed) if self.temperature > 0 else (0.0, 1.0, None)
+        """Rows with equal keys share a generate() call. A seeded request's rows run alone (with each other):
+        sharing the seeded generator with another request's rows would make its samples depend on the batch."""
+        if self.temperature <= 0:
+            return (0.0, 1.0, None, "")
+        return (self.temperature, self.top_p, self.seed, self.request if self.seed is not None else "")
 
 
 @dataclass
@@ -84,12 +89,17 @@ class TransformersEngine:
         self.eos_ids = {i for i in [self.tokenizer.eos_token_id, *_as_list(
             getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))] if i is not None}
 
-    def generate(self, rows: list[Row]) -> list[Choice]:
-        """One Choice per row, in order; rows' sinks get their text as it is generated."""
-        results: list[Choice | None] = [None] * len(rows)
+    def generate(self, rows: list[Row]) -> list[Choice | Exception]:
+        """One Choice per row, in order; rows' sinks get their text as it is generated. A generate() call that fails
+        answers its own rows with the exception and leaves the batch's other rows (other requests) their answers."""
+        results: list[Choice | Exception | None] = [None] * len(rows)
         for positions in group_rows(rows):
-            for pos, choice in zip(positions, self._generate_alike([rows[p] for p in positions])):
-                results[pos] = choice
+            try:
+                answers = self._generate_alike([rows[p] for p in positions])
+            except Exception as err:  # noqa: BLE001 - handed to the rows' callers, raised there
+                answers = [err] * len(positions)
+            for pos, answer in zip(positions, answers):
+                results[pos] = answer
         return results  # type: ignore[return-value]
 
     def _generate_alike(self, rows: list[Row]) -> list[Choice]:
@@ -133,6 +143,8 @@ class TransformersEngine:
                 stopping_criteria=StoppingCriteriaList([RowsDone()]), **sampling, **extra)
         choices = []
         for state in states:
+            if state.row.sink is None and not state.row.stops:
+                state.text = self.tokenizer.decode(state.ids, skip_special_tokens=True)
             self._flush(state, final=True)
             choices.append(Choice(index=state.row.index, text=state.text, finish_reason=state.finish_reason,
                                   tokens=len(state.ids)))
@@ -145,6 +157,10 @@ class TransformersEngine:
             state.done, state.finish_reason = True, "stop"
             return
         state.ids.append(token)
+        if state.row.sink is None and not state.row.stops:  # nobody reads the text before the end: decode once then
+            if len(state.ids) >= state.row.max_new_tokens:
+                state.done, state.finish_reason = True, "length"
+            return
         state.text = self.tokenizer.decode(state.ids, skip_special_tokens=True)
         if state.row.stops:
             state.text, hit = cut_at_stop(state.text, state.row.stops)

@@ -84,7 +84,7 @@ def unknown_model(name: str, served: list[str]) -> APIError:
                     param="model", code="model_not_found")
 
 
-def completion_budget(prompt_tokens: int, requested: int | None, context: int) -> int:
+def completion_budget(prompt_tokens: int, requested: int | None, context: int, *, param: str = "messages") -> int:
     """max new tokens for a prompt: what was asked (default DEFAULT_MAX_TOKENS, capped by what fits when not asked);
     APIError 400 with the limits when the prompt, or prompt + max_tokens, exceeds the model's context."""
     if prompt_tokens >= context or (requested is not None and prompt_tokens + requested > context):
@@ -92,7 +92,7 @@ def completion_budget(prompt_tokens: int, requested: int | None, context: int) -
         raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                             f"{asked} tokens ({prompt_tokens} in the prompt, {requested or 0} for the completion). "
                             "Please reduce the length of the prompt or of max_tokens.",
-                       param="messages", code="context_length_exceeded")
+                       param=param, code="context_length_exceeded")
     return requested if requested is not None else min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
 
 

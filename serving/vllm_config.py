@@ -9,8 +9,6 @@ without vLLM; only build_vllm_app imports ray.serve.llm (which needs vLLM).
 """
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from core.errors import ConfigError
 from serving.sources import ModelGroup
 
@@ -25,8 +23,8 @@ def llm_config(group: ModelGroup, settings: dict) -> dict:
               "deployment_config": deployment,
               "engine_kwargs": {"tensor_parallel_size": 1, "max_num_seqs": settings.get("max_batch_size", 16) * 4}}
     if group.adapters:
-        parents = {str(PurePosixPath(a.uri.rstrip("/")).parent) for a in group.adapters}
-        misnamed = [a.uri for a in group.adapters if PurePosixPath(a.uri.rstrip("/")).name != a.name
+        parents = {parent_uri(a.uri) for a in group.adapters}
+        misnamed = [a.uri for a in group.adapters if a.uri.rstrip("/").rpartition("/")[2] != a.name
                     or a.uri.rstrip("/").endswith("/model")]
         if misnamed or len(parents) != 1:
             raise ConfigError("vLLM's multi-LoRA reads adapters from <folder>/<adapter name>/, which these runs are "
@@ -44,6 +42,11 @@ def llm_config(group: ModelGroup, settings: dict) -> dict:
         config["accelerator_type"] = settings.get("accelerator_type") or None
         config = {k: v for k, v in config.items() if v is not None}
     return config
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding `uri`, as text: pathlib would fold s3://bucket into s3:/bucket."""
+    return uri.rstrip("/").rpartition("/")[0] or "."
 
 
 def served_names(group: ModelGroup) -> list[str]:

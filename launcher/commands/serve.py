@@ -9,6 +9,7 @@ Ray process; on an existing cluster the app is deployed there and the command re
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 ENGINES = ("auto", "transformers", "vllm")
@@ -44,6 +45,20 @@ def pick_engine(engine: str, vllm_installed: bool) -> str:
     return engine
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError before a cluster starts when the address is taken: Serve's proxy would fail to bind later."""
+    import socket
+
+    from core.errors import ConfigError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}", why=str(err),
+                              fix="stop what uses the port, or pick another with --port") from None
+
+
 def app_args(args: argparse.Namespace) -> dict:
     gpus = args.gpus_per_replica
     return {"models": list(args.models), "replicas": args.replicas, "min_replicas": args.min_replicas,
@@ -55,7 +70,7 @@ def app_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from cluster.session import ray_session
+    from cluster.session import cluster_address_from_env, ray_session
     from core.models import cache_root
 
     engine = pick_engine(args.engine, importlib.util.find_spec("vllm") is not None)
@@ -68,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         from serving.app import build_app
 
         application = build_app(settings)  # plans the models (and reads the runs) before a cluster starts
+    if cluster_address_from_env(os.environ) is None:  # a local cluster: its proxy binds here
+        check_port_free(args.host, args.port)
     log_file = cache_root() / "logs" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
     replicas = settings["replicas"] or settings["max_replicas"]
     with ray_session(num_cpus=max(2, replicas * len(args.models) + 1), num_gpus=None, log_file=log_file) as session:
@@ -79,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"serving {', '.join(args.models)} ({engine}) at {url}/v1 (OpenAI API) and {url}/ (chat page); "
               f"Ray logs to {log_file}", flush=True)
         if not session["started_here"]:
-            print(f"deployed to the cluster at {session['address']}; `serve shutdown` removes it")
+            print(f"deployed to the cluster at {session['address']} as the Serve app 'raydpo'; it keeps serving after "
+                  "this command; `serve delete raydpo` (or `serve shutdown`) removes it")
             return 0
         print("Ctrl-C stops the server and its Ray cluster", flush=True)
         try:

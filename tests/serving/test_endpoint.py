@@ -123,6 +123,9 @@ def test_errors_come_in_openai_shape_and_leave_the_replica_serving(endpoint, cli
     assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.post(f"{endpoint}/v1/chat/completions", json={"model": "run-a"})
     assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="run-a", prompt="", max_tokens=4)
+    assert err.value.body["param"] == "prompt"
     assert httpx.get(f"{endpoint}/health").json()["status"] == "ok"
     assert answer(client, "run-a").choices[0].message.content  # still answering
 

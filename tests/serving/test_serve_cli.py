@@ -62,6 +62,22 @@ def test_ctrl_c_stops_the_server_and_its_ray_cluster(tiny_model_dir, tmp_path):
     assert not left, f"still running after Ctrl-C: {[(p.pid, p.name()) for p in left]}"
 
 
+def test_on_an_existing_cluster_it_deploys_and_returns(tiny_model_dir, ray_cluster):
+    port = free_port()
+    env = ray_cluster.driver_env()
+    result = subprocess.run([RAYDPO, "serve", str(tiny_model_dir), "--port", str(port)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    try:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert f"deployed to the cluster at {ray_cluster.gcs_address}" in result.stdout
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == [tiny_model_dir.name]  # served after the command returned
+    finally:  # Serve off the shared head again, the head itself left running
+        shutdown = "import ray; from ray import serve; ray.init(); serve.shutdown()"
+        subprocess.run([sys.executable, "-c", shutdown], env=env, capture_output=True, timeout=300)
+    assert ray_cluster.process.poll() is None
+
+
 def test_generate_writes_an_answer_per_prompt_in_order(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [

@@ -1,5 +1,6 @@
 """KubeRay manifests for a recipe: a RayJob that makes its cluster for the run and deletes it after, the recipe in
-a ConfigMap, and a RayCluster for interactive use. Pure functions from plain data to plain dicts.
+a ConfigMap, and a RayCluster for interactive use. Pure functions from the typed recipe (core/config.py) and the
+options to plain dicts.
 
 Replicas are worker pods, one per replica (a replica is a node): `--replicas N` sets the worker group's replicas
 (min = max = N: a training run neither grows nor shrinks). The head pod runs the job's driver and no training
@@ -13,6 +14,9 @@ import re
 from dataclasses import dataclass
 
 import yaml
+
+from core.config import Recipe, as_dict
+from core.tracking import redacted, without_credentials
 
 RAY_VERSION = "2.60.0"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
@@ -77,11 +81,10 @@ def is_gpu_image(image: str) -> bool:
     return bool(re.search(r"(^|-)(gpu|cu\d+)($|-)", tag))
 
 
-def recipe_configmap(name: str, recipe: dict, namespace: str | None = None) -> dict:
-    from core.tracking import redacted, without_credentials
-
+def recipe_configmap(name: str, recipe: Recipe, namespace: str | None = None) -> dict:
     # a password in a URI (run.mlflow_tracking_uri) stays out of the ConfigMap: the pods read it from token_secret
-    text = yaml.safe_dump(redacted(recipe, without_credentials), sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
+    text = yaml.safe_dump(redacted(as_dict(recipe), without_credentials), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True, width=120)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _metadata(f"{name}-recipe", name, namespace),
             "data": {RECIPE_FILE: text}}
@@ -129,7 +132,7 @@ def ray_cluster_spec(opts: K8sOptions, configmap: str) -> dict:
     }
 
 
-def render_rayjob(recipe: dict, opts: K8sOptions) -> list[dict]:
+def render_rayjob(recipe: Recipe, opts: K8sOptions) -> list[dict]:
     """[ConfigMap, RayJob]: the job's own cluster is created for the run and deleted after it."""
     configmap = recipe_configmap(opts.name, recipe, opts.namespace)
     spec = {
@@ -146,7 +149,7 @@ def render_rayjob(recipe: dict, opts: K8sOptions) -> list[dict]:
     return [configmap, job]
 
 
-def render_raycluster(recipe: dict, opts: K8sOptions) -> list[dict]:
+def render_raycluster(recipe: Recipe, opts: K8sOptions) -> list[dict]:
     """[ConfigMap, RayCluster]: a cluster that stays up; run the recipe in it with `ray job submit` (README)."""
     configmap = recipe_configmap(opts.name, recipe, opts.namespace)
     cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster",

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from core.config import saved_recipe
 from core.errors import ConfigError
+from core.models import check_weight_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -109,6 +110,7 @@ def plan_groups(arguments: list[str]) -> list[ModelGroup]:
         model_dir = local_model_dir(argument)
         name = model_name(argument)
         if model_dir is not None and (model_dir / ADAPTER_CONFIG).is_file():
+            check_weight_files(model_dir)  # safetensors only: a pickled adapter_model.bin is refused, never loaded
             base = base_of_adapter(model_dir)
             group = groups.setdefault(resolved_location(base), {"name": model_name(base), "source": base,
                                                                  "adapters": []})

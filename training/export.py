@@ -16,6 +16,7 @@ from typing import Callable
 
 from core.config import saved_recipe
 from core.errors import ConfigError
+from core.models import check_weight_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -133,6 +134,7 @@ def export_model(output: str, to: str, *, merge: bool, overwrite: bool = False,
     with tempfile.TemporaryDirectory(prefix="raydpo-export-") as tmp:
         tmp_path = Path(tmp)
         model_dir = find_model_dir(_fetch_remote(output, tmp_path / "run") if remote else Path(output))
+        check_weight_files(model_dir)  # safetensors only: a pickled adapter_model.bin is refused, never loaded
         kind = model_kind(model_dir)
         staging = tmp_path / "export"
         base = None

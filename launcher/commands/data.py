@@ -86,7 +86,10 @@ def bad_row_lines(bad_rows, limit: int = SHOWN_BAD_ROWS) -> list[str]:
 def summary_lines(files: int, per_format: dict, good: int, bad_rows) -> list[str]:
     formats = ", ".join(f"{name} {count}" for name, count in sorted(per_format.items())) or "none"
     lines = [f"files: {files}", f"rows per format: {formats}", f"good pairs: {good}", f"bad rows: {len(bad_rows)}"]
-    return lines + bad_row_lines(list(bad_rows))
+    fix = ["fix: correct or remove the rows listed (file:line: why), or pass --format/--key-map if the rows are "
+           "of a format raydpo did not detect; `raydpo train` leaves bad rows out with "
+           "training_config.data.on_error=skip"] if bad_rows else []
+    return lines + bad_row_lines(list(bad_rows)) + fix
 
 
 def report_lines(report: ScanReport) -> list[str]:

@@ -31,11 +31,23 @@ results.json:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
+from cluster.session import ray_session
+from core import storage
 from core.config import Recipe
 from core.errors import ConfigError, DataError
+from core.generate import GenerationSettings
+from core.models import load_config, resolve_model_source, resolved_location
+from core.tracking import redacted
+from evaluation import gen_qa, llm_judge, preference
+from evaluation.preference import ADAPTER_DISABLED
+from launcher.console import user_console
+from launcher.eval_recipe import load_eval_recipe
+from launcher.recipe import load_recipe
 
 EXAMPLES = 5
 SHOWN_SKIPPED = 100
@@ -100,8 +112,6 @@ def build_results(task: str, name: str, recipe: dict | None, labels: list[str], 
 
 
 def is_run_folder(uri: str) -> bool:
-    from core import storage
-
     return storage.exists(join(uri, "manifest.json")) or storage.exists(join(uri, "recipe.yaml"))
 
 
@@ -111,8 +121,6 @@ def eval_output_dir(output: str, name: str) -> str:
 
 def write_results(out_dir: str, results: dict, rows: list[dict], *, per_task_copy: bool = True) -> None:
     """results.json and rows.jsonl in out_dir (and in out_dir/<task>/, which the next task does not overwrite)."""
-    from core import storage
-
     body = json.dumps(results, indent=2, ensure_ascii=False).encode()
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     for folder in (out_dir, join(out_dir, results["task"])) if per_task_copy else (out_dir,):
@@ -122,8 +130,6 @@ def write_results(out_dir: str, results: dict, rows: list[dict], *, per_task_cop
 
 def resolve_model(source: str) -> tuple[str, Path | None]:
     """(the model to load, the training run folder it came from or None); a missing model is a ConfigError."""
-    from core.models import load_config, resolve_model_source
-
     path = Path(source).expanduser()
     if not source.startswith("s3://") and path.is_dir():
         if (path / "recipe.yaml").is_file() and (path / "model").is_dir():
@@ -165,8 +171,6 @@ def trained_recipe(run: str | None) -> Recipe | None:
     """The typed recipe a training run folder holds (its resolved recipe.yaml), or None for a model without one."""
     if run is None:
         return None
-    from launcher.recipe import load_recipe
-
     return load_recipe(Path(run) / "recipe.yaml")
 
 
@@ -191,10 +195,6 @@ def _check_rows(rows: list, bad: list, path: str, on_error: str, task: str) -> d
 
 def eval_log_file(out_dir: str) -> Path:
     """Where Ray's output goes: beside the results when they are local, else under the temp folder."""
-    import tempfile
-
-    from core import storage
-
     if storage.is_remote(out_dir):
         return Path(tempfile.gettempdir()) / "raydpo" / out_dir.removeprefix("s3://").replace("/", "_") / "eval.log"
     return Path(out_dir) / "logs" / "eval.log"
@@ -202,7 +202,7 @@ def eval_log_file(out_dir: str) -> Path:
 
 def _cluster(recipe, say) -> tuple[int, bool]:
     """(model actors, use_gpu) on the Ray cluster of this session."""
-    import ray
+    import ray  # 0.3 s: lazy, as every command module is imported when `raydpo validate` builds its parser
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -222,9 +222,6 @@ def _cluster(recipe, say) -> tuple[int, bool]:
 def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
     """A tuned model's reference: its base with the adapter off (LoRA), the model its run trained from, or the
     recipe's base model. None for the base itself (and for a lone model with nothing to compare against)."""
-    from core import storage
-    from evaluation.preference import ADAPTER_DISABLED
-
     if is_base:
         return None
     if storage.exists(join(model["path"], "adapter_config.json")):
@@ -240,17 +237,12 @@ def preference_reference(model: dict, first: dict, is_base: bool) -> str | None:
 def reference_scored_as(model: dict, earlier: list[dict]) -> str | None:
     """The label of a model scored before `model` whose weights are `model`'s reference (a LoRA adapter's base, the
     model a full run trained from): its log-probabilities are reused instead of a second forward pass per pair."""
-    from core import storage
-    from evaluation.preference import ADAPTER_DISABLED
-
     reference = model.get("reference")
     if reference == ADAPTER_DISABLED:
         config = json.loads(storage.read_bytes(join(model["path"], "adapter_config.json")))
         reference = config.get("base_model_name_or_path")
     if not reference:
         return None
-    from core.models import resolved_location
-
     weights = resolved_location(str(reference))
     return next((m["label"] for m in earlier if resolved_location(str(m["path"])) == weights), None)
 
@@ -266,17 +258,12 @@ def preference_beta(recipe, model: dict) -> float:
 def read_data(recipe) -> tuple[list[dict], dict]:
     ev = recipe.evaluation
     path = recipe.run.data_s3_path
-    if ev.task == "preference":
-        from evaluation.preference import read_pairs as read
-    else:
-        from evaluation.gen_qa import read_qa_rows as read
+    read = preference.read_pairs if ev.task == "preference" else gen_qa.read_qa_rows
     rows, bad = read(path, fmt=ev.format, key_map=dict(ev.key_map), max_rows=ev.max_rows)
     return rows, _check_rows(rows, bad, path, ev.on_error, ev.task)
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.eval_recipe import load_eval_recipe
-
     recipe = load_eval_recipe(args.recipe, models=args.model, output=args.output, max_rows=args.max_rows,
                               overrides=args.overrides)
     ev, task = recipe.evaluation, recipe.evaluation.task
@@ -287,12 +274,8 @@ def run(args: argparse.Namespace) -> int:
               for label, source, (path, run_dir) in zip(labels, sources, resolve_models(sources))]
     judge = ev.judge
     if task == "llm_judge":
-        from evaluation.llm_judge import load_judge_prompt
-
-        load_judge_prompt(judge.prompt_file)
+        llm_judge.load_judge_prompt(judge.prompt_file)
         if judge.model:
-            import dataclasses
-
             judge = dataclasses.replace(judge, model=resolve_model(judge.model)[0])
     rows, data = read_data(recipe)
     if task == "preference":
@@ -302,23 +285,21 @@ def run(args: argparse.Namespace) -> int:
             model["reference_scored_as"] = reference_scored_as(model, models[:i])
     out_dir = eval_output_dir(recipe.run.output_s3_path, recipe.run.name)
     log_file = eval_log_file(out_dir)
-
-    from cluster.session import ray_session
-    from launcher.console import user_console
+    shown_recipe = redacted(recipe.to_dict())  # results.json is read by many: a URI's password shows as ***
 
     # Ray's and the models' chatter goes to the log file; the console gets raydpo's lines and the table
     with user_console(log_file) as say, ray_session(num_cpus=None, num_gpus=None, log_file=log_file):
         say(f"{task}: {len(rows)} row(s), {len(models)} model(s); Ray's log: {log_file}")
 
         def keep_partial(entries: dict, judged: list[dict], examples: list[dict], error: str) -> None:
-            results = build_results(task, recipe.run.name, recipe.to_dict(), labels, _selected(entries, ev.metric),
+            results = build_results(task, recipe.run.name, shown_recipe, labels, _selected(entries, ev.metric),
                                     examples, data, partial=True, error=error)
             write_results(out_dir, results, judged)
             say(f"partial results (judged before the error) written to {join(out_dir, 'results.json')}")
 
         workers, use_gpu = _cluster(recipe, say)
         entries, per_row, examples = _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial)
-    results = build_results(task, recipe.run.name, recipe.to_dict(), labels, _selected(entries, ev.metric), examples,
+    results = build_results(task, recipe.run.name, shown_recipe, labels, _selected(entries, ev.metric), examples,
                             data)
     write_results(out_dir, results, per_row)
     print_summary(results, join(out_dir, "results.json"))
@@ -330,26 +311,18 @@ def _selected(entries: dict, wanted: tuple[str, ...]) -> dict:
 
 
 def _evaluate(recipe, task, rows, models, judge, workers, use_gpu, keep_partial):
-    from core.generate import GenerationSettings
-
     inf, ev = recipe.inference, recipe.evaluation
     generation = GenerationSettings(max_new_tokens=inf.max_new_tokens, temperature=inf.temperature, top_p=inf.top_p,
                                     top_k=inf.top_k, batch_size=inf.batch_size)
     if ev.system_prompt:
         rows = [{**r, "system": r.get("system") or ev.system_prompt} for r in rows]
     if task == "gen_qa":
-        from evaluation import gen_qa
-
         return gen_qa.evaluate(rows, models, generation, use_stemmer=ev.rouge_stemmer, workers=workers,
                                use_gpu=use_gpu)
     if task == "preference":
-        from evaluation import preference
-
         settings = preference.PreferenceSettings(max_length=ev.max_length, system_prompt=ev.system_prompt,
                                                  batch_size=inf.batch_size)
         return preference.evaluate(rows, models, settings, workers=workers, use_gpu=use_gpu)
-    from evaluation import llm_judge
-
     return llm_judge.evaluate(rows, models, judge, generation, workers=workers, use_gpu=use_gpu,
                               on_partial=keep_partial)
 

@@ -12,6 +12,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from launcher.commands.launch import local_path_problems
 from launcher.recipe_args import add_recipe_arguments, load_from_args
 from core.errors import ConfigError
 
@@ -68,17 +69,15 @@ def run(args: argparse.Namespace) -> int:
 def run_render(args: argparse.Namespace) -> int:
     from cluster import kuberay
     from cluster.k8s_checks import operator_problems
-    from launcher.recipe import recipe_to_dict
     from launcher.recipe_args import parse_rest
 
     if parse_rest(args).kind == "rayservice":  # RECIPE and the rest are runs to serve (launcher/commands/k8s_serve.py)
         from launcher.commands.k8s_serve import render_service
 
         return render_service(parse_rest(args), options_from_args=options_from_args, render_command=render_command)
-    recipe_obj, args = load_from_args(args)
-    recipe = recipe_to_dict(recipe_obj)
-    check_pod_paths(recipe)
-    opts = options_from_args(args, recipe)
+    recipe, args = load_from_args(args)
+    check_pod_paths(recipe.run)
+    opts = options_from_args(args, name=recipe.run.name, replicas=recipe.run.replicas)
     render = kuberay.render_raycluster if args.kind == "raycluster" else kuberay.render_rayjob
     manifests = render(recipe, opts)
     problems = [p for m in manifests for p in operator_problems(m, manifests)]
@@ -114,7 +113,8 @@ def render_command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(redact(w)) for w in words)
 
 
-def options_from_args(args: argparse.Namespace, recipe: dict):
+def options_from_args(args: argparse.Namespace, *, name: str, replicas: int):
+    """The rendering options: the run's name and replica count (the recipe's, after --replicas) and the flags."""
     from cluster import kuberay
 
     image = args.image or DEFAULT_IMAGE
@@ -128,7 +128,7 @@ def options_from_args(args: argparse.Namespace, recipe: dict):
     tokens = getattr(args, "token_secret", None)
     token_secret = None if (tokens or "").lower() == "none" else (tokens or "raydpo-tokens")
     return kuberay.K8sOptions(
-        name=args.name or recipe["run"]["name"], replicas=recipe["run"]["replicas"], image=image,
+        name=args.name or name, replicas=replicas, image=image,
         worker=kuberay.worker_size(gpus, args.worker_cpus, args.worker_memory),
         namespace=args.namespace, secret=secret, token_secret=token_secret, service_account=args.service_account, submission_mode=mode,
         active_deadline_s=int((args.deadline_hours or 24) * 3600),
@@ -136,14 +136,9 @@ def options_from_args(args: argparse.Namespace, recipe: dict):
         ttl_after_finished_s=args.ttl_seconds if args.ttl_seconds is not None else 300)
 
 
-def check_pod_paths(recipe: dict) -> None:
+def check_pod_paths(run) -> None:
     """Pods see object storage and their image, not this machine's files: local paths cannot work there."""
-    run = recipe["run"]
-    problems = [f"run.{key}: {run[key]!r} is a path on this machine"
-                for key in ("data_s3_path", "validation_data_s3_path", "output_s3_path")
-                if run.get(key) and "://" not in run[key]]
-    if str(run["model_name_or_path"]).startswith("/"):
-        problems.append(f"run.model_name_or_path: {run['model_name_or_path']!r} is a path on this machine")
+    problems = local_path_problems(run)  # the same check as `raydpo launch` on a cluster of several machines
     if problems:
         raise ConfigError("the recipe reads or writes local paths, which pods on Kubernetes cannot reach",
                           problems=problems,

@@ -33,7 +33,7 @@ def render_service(args: argparse.Namespace, *, options_from_args, render_comman
         raise ConfigError("pods cannot read runs on this machine", problems=[f"{r} is a local path" for r in local],
                           fix="upload the run (its output_s3_path is s3:// when trained for Kubernetes) and pass "
                               "s3://bucket/runs/RUN")
-    opts = options_from_args(args, {"run": {"name": args.name or service_name(runs), "replicas": args.replicas or 1}})
+    opts = options_from_args(args, name=args.name or service_name(runs), replicas=args.replicas or 1)
     manifests = render_rayservice(runs, opts)
     problems = [p for m in manifests for p in operator_problems(m, manifests)]
     if problems:

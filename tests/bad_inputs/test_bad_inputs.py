@@ -18,13 +18,15 @@ def test_bad_input_is_refused_with_a_message_and_nothing_written(case, tmp_path,
     argv = case.make(folder, tiny_model_dir)
     try:
         code = main(argv)
+        way_out = "fix:"
     except SystemExit as exit_:  # argparse's own refusals (an unknown flag, a value that is not a number)
-        code = exit_.code
+        code, way_out = exit_.code, "usage: raydpo"  # argparse shows the usage instead
     out, err = capsys.readouterr()
     text = out + err
     assert code == case.exit_code, text
     for words in case.says:
         assert words.format(dir=folder) in text, text
+    assert way_out in text, text  # how to fix it
     assert "Traceback" not in text
     assert not (folder / OUT).exists(), "a bad input wrote to the output path"
     import ray

@@ -18,14 +18,18 @@ def test_validate_good_files_exit_0(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["files: 2", "rows per format: hh 1, trl 2", "good pairs: 3", "bad rows: 0"]
 
+FIX = ("fix: correct or remove the rows listed (file:line: why), or pass --format/--key-map if the rows are of a "
+       "format raydpo did not detect; `raydpo train` leaves bad rows out with training_config.data.on_error=skip")
+
 
 def test_validate_lists_bad_rows_with_file_and_line_and_exits_2(tmp_path, capsys):
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, "rejected": "yes"}, {"prompt": "q"}])
     assert main(["data", "validate", str(path)]) == 2
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == ["files: 1", "rows per format: trl 3", "good pairs: 1", "bad rows: 2"]
-    assert out[4:] == [f"  {path}:2  chosen and rejected responses are identical",
-                       f"  {path}:3  missing key 'chosen'"]
+    assert out[4:6] == [f"  {path}:2  chosen and rejected responses are identical",
+                        f"  {path}:3  missing key 'chosen'"]
+    assert out[6:] == [FIX]  # and how to fix it, last
 
 
 def test_validate_caps_the_list_at_50(shared, capsys):
@@ -35,7 +39,7 @@ def test_validate_caps_the_list_at_50(shared, capsys):
     assert out[:4] == ["files: 1", "rows per format: kto 300", "good pairs: 0", "bad rows: 300"]
     listed = [line for line in out if line.startswith(f"  {path}:")]
     assert len(listed) == 50 and listed[0].startswith(f"  {path}:1  unpaired KTO data")
-    assert out[-1] == "  ... and 250 more bad rows"
+    assert out[-2:] == ["  ... and 250 more bad rows", FIX]
 
 
 def test_validate_with_a_tokenizer_prints_lengths_and_truncation(tmp_path, capsys):

@@ -10,6 +10,7 @@ import yaml
 
 from cluster import kuberay
 from cluster.k8s_checks import manifest_problems, name_problems, operator_problems, schema_problems
+from core.config import Recipe, Run
 from launcher.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +120,9 @@ def test_name_rules(name, kind, ok):
 def base_job() -> list[dict]:
     opts = kuberay.K8sOptions(name="run", replicas=2, image="raydpo:0.1.0-gpu",
                               worker=kuberay.PodSize(cpus=8, memory="64Gi", gpus=1))
-    return kuberay.render_rayjob({"run": {"name": "run"}}, opts)
+    recipe = Recipe(run=Run(name="run", model_name_or_path="org/model", data_s3_path="s3://b/train.jsonl",
+                            output_s3_path="s3://b/runs"))
+    return kuberay.render_rayjob(recipe, opts)
 
 
 def test_operator_rules_the_schema_cannot_check(schemas):

@@ -472,3 +472,34 @@ def trace_step(step: int, rank: int, sources: list[str], *, hold_timeout_s: floa
         deadline = time.time() + hold_timeout_s
         while not (Path(folder) / "release").exists() and time.time() < deadline:
             time.sleep(0.2)
+
+
+def traced(micro_batches: Iterator, state: dict, rank: int, sources_of) -> Iterator:
+    """The training micro-batches as they come, with the failure tests' tracer (trace_step) around them when
+    RAYDPO_TRACE_DIR is set: the step loop itself holds no test hook. A step has ended when state["step"] has moved
+    on by the time the loop asks for its next micro-batch (or stops asking); sources_of(item) names its pairs."""
+    if not os.environ.get(TRACE_DIR_ENV):
+        return micro_batches
+    return _traced(micro_batches, state, rank, sources_of)
+
+
+def _traced(micro_batches: Iterator, state: dict, rank: int, sources_of) -> Iterator:
+    sources, step = [], state["step"]
+
+    def after_a_step() -> None:
+        nonlocal sources, step
+        if state["step"] != step:  # only a step that ended: a worker that fails mid-step traces nothing for it
+            trace_step(state["step"], rank, sources)
+            sources, step = [], state["step"]
+
+    items = iter(micro_batches)
+    try:
+        while True:
+            after_a_step()  # before the next micro-batch is read: a hold stops the worker right after its step
+            item = next(items, None)
+            if item is None:
+                return
+            sources += sources_of(item)
+            yield item
+    finally:  # the loop stopped asking (its last step, or an error): the step that ended last is traced too
+        after_a_step()

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_token_file_is_created_private(tmp_path, monkeypatch):
-    """With chmod disabled, only a file created 0600 ends up 0600 (write-then-chmod left it 0644 for a moment)."""
+    """With every chmod disabled, only a file created 0600 ends up 0600 (write-then-chmod left it 0644 for a moment,
+    and a reader that opened it then keeps reading what is written after)."""
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    monkeypatch.setattr(os, "chmod", lambda path, mode, **kwargs: None)
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode: None)
     old = os.umask(0o022)
     try:
         token = tmp_path / "ray" / "auth_token"

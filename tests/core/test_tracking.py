@@ -48,6 +48,31 @@ def test_param_rows_flattens_and_limits():
                     "training_config.key_map": "{}", "long": "y" * 6000}
 
 
+def test_passwords_and_secret_query_values_are_redacted_everywhere_a_recipe_is_shown():
+    uri = "https://alice:s3cr3t-pw@mlflow.example:5000/api?token=tok-9&x=1"
+    assert tracking.redact(uri) == "https://alice:***@mlflow.example:5000/api?token=***&x=1"  # host and path stay
+    assert tracking.without_credentials(uri) == "https://mlflow.example:5000/api?token=tok-9&x=1"
+    tree = {"run": {"mlflow_tracking_uri": uri, "replicas": 2}, "list": ["s3://k:v@b/x"]}
+    assert tracking.redacted(tree) == {"run": {"mlflow_tracking_uri": "https://alice:***@mlflow.example:5000/api"
+                                                                      "?token=***&x=1", "replicas": 2},
+                                       "list": ["s3://k:***@b/x"]}
+    rows = tracking.param_rows(tree)  # MLflow params and TensorBoard's parameter table
+    assert "s3cr3t-pw" not in str(rows) and "tok-9" not in str(rows)
+
+
+def test_the_unreachable_server_warning_shows_no_password(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    recipe = {"run": {"name": "r", "mlflow_tracking_uri": f"http://alice:s3cr3t-pw@127.0.0.1:{port}"}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = tracking.open_trackers(str(tmp_path), recipe)
+        tracking.close(handle)
+    shown = [str(w.message) for w in caught if issubclass(w.category, TrackerWarning)]
+    assert shown and all("s3cr3t-pw" not in m for m in shown) and any("alice:***@127.0.0.1" in m for m in shown)
+
+
 def test_mlflow_settings_defaults_and_recipe_values(tmp_path):
     run_dir = tmp_path / "my-run"
     assert tracking.mlflow_settings(run_dir, {"run": {"name": "my-run"}}, "train") == \

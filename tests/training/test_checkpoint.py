@@ -282,6 +282,33 @@ def test_trace_writes_a_line_per_step_and_holds_once(tmp_path, monkeypatch):
     assert lines[0]["pid"] == os.getpid()
 
 
+def test_traced_steps_are_written_from_outside_the_step_loop(tmp_path, monkeypatch):
+    """ckpt.traced wraps the loop's micro-batches: a line per ended step (2 micro-batches each here), the last one
+    too when the loop stops asking, none for a step an error cut short; off, it hands the batches back as they are."""
+    batches = [{"sources": [f"a:{i}"]} for i in range(1, 9)]
+    state = {"step": 0}
+    assert ckpt.traced(batches, state, 0, sources_of=lambda b: b["sources"]) is batches  # off
+    monkeypatch.setenv(ckpt.TRACE_DIR_ENV, str(tmp_path))
+
+    def train(stop_at: int, fail_at: int | None = None) -> None:
+        for i, batch in enumerate(ckpt.traced(iter(batches), state, 0, sources_of=lambda b: b["sources"]), 1):
+            if i == fail_at:
+                raise RuntimeError("the worker fails mid-step")
+            if i % 2 == 0:
+                state["step"] += 1  # the optimizer step, at every second micro-batch
+            if state["step"] == stop_at:
+                break
+
+    train(stop_at=3)
+    state["step"] = 0
+    with pytest.raises(RuntimeError):
+        train(stop_at=4, fail_at=5)  # steps 1 and 2 end, step 3 does not
+    lines = [json.loads(x) for x in (tmp_path / "trace_rank0.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["sources"]) for x in lines] == [
+        (1, ["a:1", "a:2"]), (2, ["a:3", "a:4"]), (3, ["a:5", "a:6"]),  # the last step traced after the break
+        (1, ["a:1", "a:2"]), (2, ["a:3", "a:4"])]
+
+
 def test_train_takes_resume_from_after_the_recipe():
     from launcher.cli import build_parser
     from launcher.recipe_args import parse_rest

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from cluster.session import check_resources, cluster_address_from_env, probe, ray_session, split_host_port
+from cluster.session import (check_resources, cluster_address_from_env, local_cpus, probe, ray_session,
+                             split_host_port)
 from tests.cluster.headnode import free_ports, port_open, start_head, stop_head
 from core.errors import ClusterError
 
@@ -24,6 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ])
 def test_cluster_address_from_env(env, expected):
     assert cluster_address_from_env(env) == expected
+
+
+def test_a_local_cluster_gets_every_usable_core():
+    # an 8-GPU node with 96 cores: all 96, not 8 workers + 2 (the reference and data actors would queue on 2)
+    assert local_cpus(8, 2, 96) == 96
+    # a 2-core laptop with 2 replicas: one per worker plus the data CPUs, more than its cores
+    assert local_cpus(2, 2, 2) == 4
 
 
 def test_split_host_port():

@@ -574,3 +574,21 @@ def test_restore_never_unpickles_a_planted_file(tmp_path):
     assert not proof.exists()
     assert "state/zero_pp_rank_0_mp_rank_00_optim_states.pt holds objects other than tensors" in err.value.what
     assert "os.system" in err.value.why or "posix.system" in err.value.why  # what it would have called
+
+
+def test_cuda_rng_states_are_saved_as_json_and_restored_per_device(monkeypatch):
+    """Every CUDA device's generator goes into rng_rank<r>.json (base64 bytes, no pickle) and comes back as plain
+    uint8 tensors; on CPU, with torch.cuda faked (what a GPU worker's checkpoint holds)."""
+    import torch
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    saved = json.loads(json.dumps(ckpt.rng_state()))
+    assert len(saved["cuda"]) == 2 and all(isinstance(s, str) for s in saved["cuda"])
+    ckpt.set_rng_state(saved)
+    assert [t.dtype for t in restored] == [torch.uint8, torch.uint8]
+    assert [t.tolist() for t in restored] == [s.tolist() for s in states]

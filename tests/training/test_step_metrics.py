@@ -37,3 +37,27 @@ def test_a_record_is_plain_numbers_on_the_host():
 def test_no_pairs_gives_zeros_not_an_error():
     m = metrics_of([step_record([])], elapsed=1.0)
     assert m["pairs"] == 0 and m["loss"] == 0.0 and m["rewards/accuracies"] == 0.0
+
+
+def test_a_micro_batch_leaves_its_numbers_on_the_device():
+    """No host sync per micro-batch (issue 14): the loss and the metrics part of a micro-batch never read a value back
+    (.item(), float(), .tolist(), .cpu(), a tensor in an `if`); step_record copies once per step."""
+    import inspect
+
+    from training.losses import dpo_loss, total_loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync in the micro-batch path")
+
+    chosen, rejected = torch.tensor([-5.0, -6.0], requires_grad=True), torch.tensor([-7.0, -5.5], requires_grad=True)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+            patch.setattr(torch.Tensor, name, refuse)
+        losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, torch.tensor([-5.5, -6.0]),
+                                                torch.tensor([-6.5, -6.0]), loss_type="sigmoid", beta=0.1,
+                                                chosen_lengths=torch.tensor([3, 4]),
+                                                rejected_lengths=torch.tensor([2, 4]))
+        loss = total_loss(losses, rpo_alpha=0.5, chosen_token_logps_sum=chosen, chosen_lengths=torch.tensor([3, 4]))
+        counts = {name: 13 for name in inspect.signature(micro_part).parameters if name.endswith("_tokens")}
+        parts = [micro_part(loss, chosen_r, rejected_r, chosen, rejected, **counts)]
+    assert step_record(parts)["real_tokens"] == 13 and len(step_record(parts)["chosen_rewards"]) == 2

@@ -156,9 +156,21 @@ def model_layout(config, *, packing: bool = False, share_prompt: bool) -> str:
     return batch_layout(packing, share_prompt, mask_attention(config))
 
 
+def unique_tokens(batch: dict) -> int:
+    """The pairs' real tokens with each prompt counted once (prompt + chosen + rejected): what the data holds, the
+    measure of padding a user pays for (computed / unique), whatever the layout."""
+    return sum(len(p) + len(c) + len(r) for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"],
+                                                          batch["rejected_ids"]))
+
+
 def collate_for(layout: str, pad_id: int):
-    """The collate function of a batch_layout result."""
+    """The collate function of a batch_layout result; its batches also say their unique_tokens."""
     from functools import partial
 
-    return {"packed": collate_packed, "shared": partial(collate_shared, pad_id=pad_id),
-            "padded": partial(collate_pairs, pad_id=pad_id)}[layout]
+    collate = {"packed": collate_packed, "shared": partial(collate_shared, pad_id=pad_id),
+               "padded": partial(collate_pairs, pad_id=pad_id)}[layout]
+
+    def counted(batch: dict) -> dict:
+        return collate(batch) | {"unique_tokens": unique_tokens(batch)}
+
+    return counted

@@ -34,7 +34,7 @@ from training.trainer import ProgressCallback, build_trainer, format_progress, f
 PROBE_PAIRS = 4
 METRIC_KEYS = ("step", "epoch", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                "rewards/margins", "logps/chosen", "logps/rejected", "lr", "lr_groups", "grad_norm", "tokens_per_s",
-               "padding_waste", "real_tokens", "elapsed_s")
+               "padding_waste", "padding_unique", "real_tokens", "elapsed_s")
 
 
 def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, use_gpu: bool = False,

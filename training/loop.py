@@ -153,7 +153,7 @@ def train_loop(config: dict) -> None:
                                                 chosen_lengths=chosen_n, rejected_lengths=rejected_n)
         loss = total_loss(losses, rpo_alpha=dpo.rpo_alpha, chosen_token_logps_sum=chosen, chosen_lengths=chosen_n)
         return loss, micro_part(loss, chosen_r, rejected_r, chosen, rejected, real_tokens=batch["real_tokens"],
-                                computed_tokens=batch["computed_tokens"])
+                                computed_tokens=batch["computed_tokens"], unique_tokens=batch["unique_tokens"])
 
     def validate(step: int) -> dict:
         engine.eval()

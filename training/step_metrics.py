@@ -13,29 +13,30 @@ import torch
 from training.losses import reward_metrics
 
 TENSORS = ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
+COUNTS = ("real_tokens", "computed_tokens", "unique_tokens")
 
 
 def micro_part(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, *, real_tokens: int,
-               computed_tokens: int) -> dict:
-    """What one micro-batch adds to its step's metrics; nothing leaves the device here."""
+               computed_tokens: int, unique_tokens: int) -> dict:
+    """What one micro-batch adds to its step's metrics; nothing leaves the device here. real_tokens count the prompt
+    in both answers (as two padded rows hold it), unique_tokens once (core/batch.py unique_tokens)."""
     return {"loss": loss.detach().reshape(1), "chosen_rewards": chosen_rewards.detach(),
             "rejected_rewards": rejected_rewards.detach(), "chosen_logps": chosen_logps.detach(),
             "rejected_logps": rejected_logps.detach(), "real_tokens": int(real_tokens),
-            "computed_tokens": int(computed_tokens)}
+            "computed_tokens": int(computed_tokens), "unique_tokens": int(unique_tokens)}
 
 
 def step_record(parts: list[dict]) -> dict:
     """The parts of one step (or one validation pass), concatenated and copied to the host in one transfer."""
     if not parts:
-        return {k: [] for k in TENSORS} | {"real_tokens": 0, "computed_tokens": 0}
+        return {k: [] for k in TENSORS} | dict.fromkeys(COUNTS, 0)
     columns = [torch.cat([p[k].float() for p in parts]) for k in TENSORS]
     sizes = [len(c) for c in columns]
     flat = torch.cat(columns).cpu().tolist()  # the one host sync of the step
     record, start = {}, 0
     for key, size in zip(TENSORS, sizes):
         record[key], start = flat[start:start + size], start + size
-    return record | {"real_tokens": sum(p["real_tokens"] for p in parts),
-                     "computed_tokens": sum(p["computed_tokens"] for p in parts)}
+    return record | {key: sum(p[key] for p in parts) for key in COUNTS}
 
 
 def gather(record: dict, world: int) -> list[dict]:
@@ -51,18 +52,21 @@ def gather(record: dict, world: int) -> list[dict]:
 
 def metrics_of(records: list[dict], elapsed: float) -> dict:
     """The metrics of one step over every worker's pairs: TRL's rewards/* (reward_metrics), the mean micro-batch
-    loss, the mean log-probs, tokens per second and the padding the layout computed beyond the real tokens."""
+    loss, the mean log-probs, tokens per second and the padding the layout computed beyond the real tokens: per real
+    token (padding_waste, the prompt counted twice as padded rows hold it) and per unique token (padding_unique, the
+    prompt counted once: what the data holds)."""
     column = {k: [v for r in records for v in r[k]] for k in TENSORS}
     pairs = len(column["chosen_rewards"])
     real = sum(r["real_tokens"] for r in records)
     computed = sum(r["computed_tokens"] for r in records)
+    unique = sum(r["unique_tokens"] for r in records)
     rewards = reward_metrics(torch.tensor(column["chosen_rewards"]), torch.tensor(column["rejected_rewards"])) \
         if pairs else dict.fromkeys(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
                                     0.0)
     return {"loss": _mean(column["loss"]), **rewards,
             "logps/chosen": _mean(column["chosen_logps"]), "logps/rejected": _mean(column["rejected_logps"]),
             "tokens_per_s": real / max(elapsed, 1e-9), "real_tokens": real,
-            "padding_waste": computed / max(real, 1), "pairs": pairs}
+            "padding_waste": computed / max(real, 1), "padding_unique": computed / max(unique, 1), "pairs": pairs}
 
 
 def _mean(values: list[float]) -> float:

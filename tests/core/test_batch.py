@@ -151,3 +151,13 @@ def test_a_sliding_window_model_keeps_padded_rows():
     mistral._attn_implementation = "sdpa"
     assert mask_attention(mistral) == "sliding_window"
     assert model_layout(mistral, share_prompt=True) == "padded"
+
+
+def test_every_layout_says_its_unique_tokens_the_prompt_once():
+    from core.batch import collate_for
+
+    pairs = {"prompt_ids": [[5, 6, 7], [8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[17], [18, 19]]}
+    # (3 + 2 + 1) + (1 + 3 + 2) = 12; real tokens count each prompt twice: 12 + 3 + 1 = 16
+    for layout in ("padded", "shared", "packed"):
+        batch = collate_for(layout, pad_id=0)(pairs)
+        assert batch["unique_tokens"] == 12 and batch["real_tokens"] == 16, layout

@@ -19,6 +19,9 @@ ARG TORCH_INDEX_URL=""
 # DeepSpeed's FusedAdam (the optimizer of Nova's distributed_fused_adam, training/ds_config.optimizer_choice) built
 # into the image, not JIT-compiled by every worker of every node at start-up (minutes, and nvcc on every node). No
 # GPU at build time: the architectures to compile for are named (A10/A100, L4/L40S, H100/H200).
+# (benchmarks/gpu_check.py times it beside torch.optim.AdamW(fused=True), which needs no build, on the GPU at hand.)
+# No flash-attn: the shared-prompt and packed layouts use flex attention on GPUs, which is part of torch
+# (core/attention.py), and plain rows SDPA's flash kernel.
 ARG DS_BUILD_FUSED_ADAM=1
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
 

@@ -19,3 +19,15 @@ def test_one_ray_version_everywhere():
     # Ray's image of that version, for this Python, the GPU variant by default
     assert base == "rayproject/ray:${RAY_VERSION}-py311-gpu"
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", dockerfile, re.M)
+
+
+def test_the_gpu_image_prebuilds_fused_adam():
+    """DeepSpeed's FusedAdam is compiled into the image (for the named GPU architectures) and checked to import,
+    not JIT-compiled by every worker at start-up (DS_BUILD_OPS=0 alone left it to the JIT)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG DS_BUILD_FUSED_ADAM=1$", dockerfile, re.M)
+    assert re.search(r"^ARG TORCH_CUDA_ARCH_LIST=\"[0-9.;]+\"$", dockerfile, re.M)
+    install = next(line for line in dockerfile.splitlines() if "deepspeed==" in line)
+    before = dockerfile[:dockerfile.index(install) + len(install)]
+    assert "DS_BUILD_FUSED_ADAM=${DS_BUILD_FUSED_ADAM}" in before.splitlines()[-2]
+    assert "import deepspeed.ops.adam.fused_adam_op" in dockerfile

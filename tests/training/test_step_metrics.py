@@ -5,17 +5,19 @@ import torch
 from training.step_metrics import metrics_of, micro_part, step_record
 
 
-def part(loss, chosen_r, rejected_r, chosen, rejected, real, computed):
+def part(loss, chosen_r, rejected_r, chosen, rejected, real, computed, unique=None):
     t = torch.tensor
     return micro_part(t(loss), t(chosen_r), t(rejected_r), t(chosen), t(rejected), real_tokens=real,
-                      computed_tokens=computed)
+                      computed_tokens=computed, unique_tokens=real if unique is None else unique)
 
 
 def test_two_micro_batches_on_two_workers():
     # worker 0: micro-batches of 2 and 1 pairs; worker 1: one of 3 pairs
-    w0 = step_record([part(0.6, [0.2, -0.1], [0.0, 0.1], [-5.0, -7.0], [-6.0, -6.0], 30, 40),
-                      part(0.8, [0.3], [0.5], [-3.0], [-4.0], 10, 10)])
-    w1 = step_record([part(0.4, [0.1, 0.0, 0.4], [0.0, 0.2, 0.1], [-1.0, -2.0, -3.0], [-2.0, -2.0, -2.0], 20, 30)])
+    # real tokens count each prompt twice, unique ones once: 30 real with 10 prompt tokens is 20 unique
+    w0 = step_record([part(0.6, [0.2, -0.1], [0.0, 0.1], [-5.0, -7.0], [-6.0, -6.0], 30, 40, 20),
+                      part(0.8, [0.3], [0.5], [-3.0], [-4.0], 10, 10, 8)])
+    w1 = step_record([part(0.4, [0.1, 0.0, 0.4], [0.0, 0.2, 0.1], [-1.0, -2.0, -3.0], [-2.0, -2.0, -2.0], 20, 30,
+                           12)])
     m = metrics_of([w0, w1], elapsed=2.0)
     assert m["pairs"] == 6
     assert m["loss"] == pytest.approx((0.6 + 0.8 + 0.4) / 3)  # the mean of the three micro-batch losses
@@ -26,12 +28,13 @@ def test_two_micro_batches_on_two_workers():
     assert m["logps/chosen"] == pytest.approx(-21.0 / 6) and m["logps/rejected"] == pytest.approx(-22.0 / 6)
     assert m["real_tokens"] == 60 and m["tokens_per_s"] == 30.0
     assert m["padding_waste"] == pytest.approx(80 / 60)
+    assert m["padding_unique"] == pytest.approx(80 / 40)  # 20 + 8 + 12 unique tokens
 
 
 def test_a_record_is_plain_numbers_on_the_host():
     record = step_record([part(0.5, [1.0], [0.0], [-1.0], [-2.0], 3, 4)])
     assert record == {"loss": [0.5], "chosen_rewards": [1.0], "rejected_rewards": [0.0], "chosen_logps": [-1.0],
-                      "rejected_logps": [-2.0], "real_tokens": 3, "computed_tokens": 4}
+                      "rejected_logps": [-2.0], "real_tokens": 3, "computed_tokens": 4, "unique_tokens": 3}
 
 
 def test_no_pairs_gives_zeros_not_an_error():

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py [--json PATH]   # one GPU: a ~1B Llama-shaped model built from a config, 2k tokens
     python benchmarks/gpu_check.py --dry-run       # every check on CPU with a tiny model (well under 2 minutes)
+    python benchmarks/gpu_check.py --only speed,zero3_lora   # a rerun of some checks
 
 Needs torch, transformers, peft and DeepSpeed only: no Ray (nothing here imports it), no model hub, no data files.
 The model is built from a config with random weights and saved to a temporary folder with a word-level tokenizer;
@@ -605,8 +606,15 @@ def check_speed(ctx: Context) -> dict:
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / memory_plan.GB if ctx.on_gpu else None}
 
 
-def run_check(name: str, fn, report: dict, *args) -> None:
-    """One check's result, or its error: one failing check does not hide the others' figures."""
+CHECKS = ("precision", "attention", "loraplus_fused_adam", "optimizers", "reference_stage", "zero3_full",
+          "zero3_lora", "reuse_distance", "speed")
+
+
+def run_check(name: str, fn, report: dict, *args, only: set | None = None) -> None:
+    """One check's result, or its error: one failing check does not hide the others' figures. only: the checks
+    asked for (None: all); the ZeRO-3 checks need the reference stage's numbers, which run whenever they do."""
+    if only is not None and name not in only:
+        return
     started = time.perf_counter()
     try:
         report[name] = fn(*args)
@@ -621,7 +629,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="every check on CPU with a tiny model")
     parser.add_argument("--json", help="also write the JSON result here")
+    parser.add_argument("--only", help=f"comma-separated checks to run (of {', '.join(CHECKS)}): a rerun of those "
+                                       "that failed or ran out of time")
     args = parser.parse_args(argv)
+    only = None if not args.only else set(args.only.split(","))
+    if only and only - set(CHECKS):
+        parser.error(f"unknown checks {sorted(only - set(CHECKS))}: choose from {', '.join(CHECKS)}")
+    if only and only & {"zero3_full", "zero3_lora", "reuse_distance"}:
+        only.add("reference_stage")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --dry-run to check on CPU")
     started = time.perf_counter()
@@ -638,18 +653,15 @@ def main(argv: list[str] | None = None) -> dict:
 
         report |= {"transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
                    "model_parameters": ctx.shape.params}
-        run_check("precision", check_precision, report, ctx)
-        run_check("attention", check_attention, report, ctx)
-        run_check("loraplus_fused_adam", check_loraplus_fused_adam, report, ctx)
-        run_check("optimizers", check_optimizers, report, ctx)
-        run_check("reference_stage", check_reference_stage, report, ctx)
-        run_check("zero3_full", check_zero3_full, report, ctx, report)
-        run_check("zero3_lora", check_zero3_lora, report, ctx)
-        report["reference"] = report["zero3_lora"].get("reference", {"error": "zero3_lora failed", "ok": False})
-        run_check("reuse_distance", check_reuse_distance, report, ctx, report)
-        run_check("speed", check_speed, report, ctx)
+        for name in CHECKS:
+            fn = globals()[f"check_{name}"]
+            run_check(name, fn, report, ctx, *((report,) if name in ("zero3_full", "reuse_distance") else ()),
+                      only=only)
+        if "zero3_lora" in report:
+            report["reference"] = report["zero3_lora"].get("reference", {"error": "zero3_lora failed", "ok": False})
     report["fused_adam_error"] = ctx.fused_adam_error
-    report.setdefault("memory", {"error": "zero3_full failed", "ok": False})
+    if "zero3_full" in report:
+        report.setdefault("memory", {"error": "zero3_full failed", "ok": False})
     report["ray_imported"] = "ray" in sys.modules
     report["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(report, default=str)

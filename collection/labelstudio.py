@@ -76,6 +76,14 @@ def _calling(url: str, action):
         raise _service_error(url, err) from err
 
 
+def comparison_key(data: dict) -> tuple:
+    """What makes a comparison the same one on a re-push: its prompt's id and its two answers in either order.
+
+    Not the pair's indices: the next round samples new candidates for the same prompts (the same ids), and those
+    pairs are new even when pushed into the same project."""
+    return data.get("raydpo_task"), tuple(sorted((data.get("answer_a") or "", data.get("answer_b") or "")))
+
+
 def find_project(ls, title: str):
     return next((p for p in ls.projects.list(title=title) if p.title == title), None)
 
@@ -95,9 +103,8 @@ def push(items: list[dict], url: str, title: str) -> dict:
                                          description="raydpo preference collection: pick the better answer")
             held = set()
         else:
-            held = {(t["data"].get("raydpo_task"), tuple(t["data"].get("pair") or ()))
-                    for t in export(ls, project.id)}
-        new = [i for i in items if (i["raydpo_task"], tuple(i["pair"])) not in held]
+            held = {comparison_key(t.get("data") or {}) for t in export(ls, project.id)}
+        new = [i for i in items if comparison_key(i) not in held]
         if new:
             ls.projects.import_tasks(project.id, request=[{"data": i} for i in new], return_task_ids=True)
         return {"project": project.id, "created": created, "imported": len(new), "already_there": len(items) - len(new)}

@@ -145,7 +145,9 @@ def resolve(items: list[dict]) -> tuple[list[dict], dict]:
                 labelled.setdefault(item["key"], {})[annotator] = outcome
         winner = majority(votes)
         if not votes:
-            dropped["no usable annotation"] += 1
+            given = {outcome for _, outcome in item["annotations"]}
+            dropped["not annotated" if not given else "skipped" if given == {"skipped"} else
+                    "no usable annotation"] += 1
         elif winner is None:
             dropped["annotators split evenly"] += 1
         elif winner in ("tie", "both_bad"):

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_generate_push_annotate_pull_train_and_next_round(label_studio, pushed, 
                                                           capsys):
     url, items = label_studio.url, pushed["ls_tasks"]
     annotators = [label_studio.signup(f"annotator{i}@raydpo.test") for i in range(3)]
-    expected = set()
+    expected = Counter()
     for k, task in enumerate(items):
         data = task["data"]
         truth = data["pair"][k % 2]  # the simulated "true" pick: first candidate on even tasks, second on odd
@@ -106,9 +107,13 @@ def test_generate_push_annotate_pull_train_and_next_round(label_studio, pushed, 
             winner = truth if outcome == "T" else other
             texts = {data["order"][0]: data["answer_a"], data["order"][1]: data["answer_b"]}
             loser = other if winner == truth else truth
-            expected.add((json.loads(data["messages"])[-1]["content"], texts[winner], texts[loser]))
+            expected[(json.loads(data["messages"])[-1]["content"], texts[winner], texts[loser])] += 1
 
-    # pull with a personal access token (an annotator's), as Nova rows
+    # the shuffle is exercised: some pairs are shown in their own order, some swapped
+    assert {tuple(t["data"]["order"]) == tuple(t["data"]["pair"]) for t in items} == {True, False}
+
+    # pull with a personal access token (an annotator's), as Nova rows; the key stays in the environment for the
+    # rest of the loop (train, next round), as in a user's shell, and must not be written anywhere
     pairs = tmp_path / "pairs" / "round1.jsonl"
     os.environ["LABEL_STUDIO_API_KEY"] = annotators[0].token
     try:
@@ -116,85 +121,78 @@ def test_generate_push_annotate_pull_train_and_next_round(label_studio, pushed, 
         assert cli("collect", "pull", "--label-studio", url, "--project", str(pushed["project"]), "--out",
                    str(pairs), "--format", "nova") == 0
         printed = capsys.readouterr().out
+        print(printed)
+        rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+        got = Counter((r["messages"][-2]["content"][0]["text"], _nova_answer(r, "preferred"),
+                       _nova_answer(r, "non-preferred")) for r in rows)
+        assert got == expected, "the chosen answers are exactly the simulated picks"
+        summary = json.loads(pairs.with_name("round1.jsonl.summary").read_text())
+        assert summary["pairs"] == sum(expected.values())
+        assert summary["dropped"] == {"both bad": 1, "annotators split evenly": 1}
+        assert summary["annotations"]["skipped"] == 1 and summary["annotations"]["tie"] == 1
+        assert summary["per_annotator"][annotators[2].email]["skipped"] == 1
+        assert summary["agreement"]["percent"] is not None and summary["agreement"]["fleiss_kappa"] is not None
+
+        # the offline path reads Label Studio's own JSON export the same way
+        export = tmp_path / "export.json"
+        export.write_bytes(requests.get(f"{url}/api/projects/{pushed['project']}/export",
+                                        params={"exportType": "JSON"}, timeout=60,
+                                        headers={"Authorization": f"Token {label_studio.admin_legacy_token}"}).content)
+        again = tmp_path / "imported.jsonl"
+        assert cli("collect", "import", str(export), "--out", str(again), "--format", "trl") == 0
+        trl = [json.loads(line) for line in again.read_text().splitlines()]
+        assert Counter((r["prompt"][-1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"])
+                       for r in trl) == expected
+
+        # 2 training steps on the pulled pairs
+        recipe = {"run": {"name": "round1", "model_name_or_path": str(tiny_model_dir), "replicas": 1,
+                          "data_s3_path": str(pairs.parent), "output_s3_path": str(tmp_path / "out")},
+                  "training_config": {"max_length": 128, "global_batch_size": 2, "trainer": {"max_steps": 2},
+                                      "data": {"validation_fraction": 0.0},
+                                      "model": {"optim": {"lr": 1e-3}, "peft": {"peft_scheme": None}}}}
+        recipe_path = tmp_path / "round1.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(recipe_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        printed += proc.stdout + proc.stderr
+        run_dir = tmp_path / "out" / "round1"
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+        # round 2: the tuned model samples the next candidates
+        tasks2 = tmp_path / "round2.tasks.json"
+        assert cli("collect", "generate", str(pushed["work"] / "prompts.jsonl"), "--model", str(run_dir),
+                   "--candidates", "2", "--sampling", "temperature=1.0", "max_new_tokens=8", "--out",
+                   str(tasks2)) == 0
+        # and go to their own project, pushed with the personal access token
+        assert cli("collect", "push", str(tasks2), "--label-studio", url, "--project", "round 2") == 0
+        printed += capsys.readouterr().out
     finally:
         del os.environ["LABEL_STUDIO_API_KEY"]
-    print(printed)
-    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    got = {(r["messages"][-2]["content"][0]["text"],
-            next(c["content"][0]["text"] for c in r["messages"][-1]["candidates"] if c["preferenceLabel"] == "preferred"),
-            next(c["content"][0]["text"] for c in r["messages"][-1]["candidates"]
-                 if c["preferenceLabel"] == "non-preferred")) for r in rows}
-    assert got == expected, "the chosen answers are exactly the simulated picks"
-    summary = json.loads(pairs.with_name("round1.jsonl.summary").read_text())
-    assert summary["dropped"] == {"both bad": 1, "annotators split evenly": 1}
-    assert summary["annotations"]["skipped"] == 1 and summary["annotations"]["tie"] == 1
-    assert summary["per_annotator"][annotators[2].email]["skipped"] == 1
-    assert summary["agreement"]["percent"] is not None and summary["agreement"]["fleiss_kappa"] is not None
-
-    # the offline path reads Label Studio's own JSON export the same way
-    export = tmp_path / "export.json"
-    export.write_bytes(requests.get(f"{url}/api/projects/{pushed['project']}/export",
-                                    params={"exportType": "JSON"}, timeout=60,
-                                    headers={"Authorization": f"Token {label_studio.admin_legacy_token}"}).content)
-    again = tmp_path / "imported.jsonl"
-    assert cli("collect", "import", str(export), "--out", str(again), "--format", "trl") == 0
-    trl = [json.loads(line) for line in again.read_text().splitlines()]
-    assert {(r["prompt"][-1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in trl} \
-        == expected
-
-    # 2 training steps on the pulled pairs
-    recipe = {"run": {"name": "round1", "model_name_or_path": str(tiny_model_dir), "replicas": 1,
-                      "data_s3_path": str(pairs.parent), "output_s3_path": str(tmp_path / "out")},
-              "training_config": {"max_length": 128, "global_batch_size": 2, "trainer": {"max_steps": 2},
-                                  "data": {"validation_fraction": 0.0},
-                                  "model": {"optim": {"lr": 1e-3}, "peft": {"peft_scheme": None}}}}
-    recipe_path = tmp_path / "round1.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LABEL_STUDIO_API_KEY")}
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(recipe_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = tmp_path / "out" / "round1"
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
-
-    # round 2: the tuned model samples the next candidates
-    tasks2 = tmp_path / "round2.tasks.json"
-    assert cli("collect", "generate", str(pushed["work"] / "prompts.jsonl"), "--model", str(run_dir),
-               "--candidates", "2", "--sampling", "temperature=1.0", "max_new_tokens=8", "--out", str(tasks2)) == 0
     round2 = json.loads(tasks2.read_text())
     assert round2["model"] == str(run_dir) and round2["tasks"]
     assert {t["id"] for t in round2["tasks"]} <= {t["id"] for t in pushed["tasks"]["tasks"]}  # stable prompt ids
+    assert f"created) at {url}: {len(round2['tasks'])} pair(s) imported" in printed  # 2 candidates: 1 pair each
 
-    # no token was written anywhere
+    # no token was written anywhere: the pairs, summaries, tasks, logs, the training run's folder, the output
     secrets = [label_studio.admin_legacy_token, label_studio.admin_pat] + [a.token for a in annotators]
     written = [p for folder in (tmp_path, pushed["work"]) for p in folder.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".log") for p in written) and (run_dir / "recipe.yaml") in written
     for path in written:
         text = path.read_bytes().decode("utf-8", "replace")
         assert not any(secret in text for secret in secrets), f"a token was written to {path}"
     assert not any(secret in printed for secret in secrets)
 
 
-def test_labeling_page_shows_the_prompt_and_both_answers(label_studio, pushed):  # noqa: F811
-    from tests.serving.browser import Browser
+def _nova_answer(row: dict, label: str) -> str:
+    return next(c["content"][0]["text"] for c in row["messages"][-1]["candidates"] if c["preferenceLabel"] == label)
+
+
+def test_labeling_page_shows_the_prompt_and_both_answers(label_studio, pushed, tmp_path):  # noqa: F811
+    from tests.collection.labeling_page import screenshot_task
 
     task = pushed["ls_tasks"][0]
-    browser = Browser()
-    try:
-        browser.call("Page.enable")
-        browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=860, deviceScaleFactor=1, mobile=False)
-        browser.call("Page.navigate", url=f"{label_studio.url}/user/login/")
-        browser.wait_for("document.querySelector('input[name=email]') !== null")
-        browser.evaluate(f"document.querySelector('input[name=email]').value = {json.dumps('admin@raydpo.test')};"
-                         f"document.querySelector('input[name=password]').value = "
-                         f"{json.dumps('raydpo-test-Passw0rd')};"
-                         "document.querySelector('input[name=password]').form.submit(); true")
-        browser.wait_for("!location.pathname.startsWith('/user/login')", timeout=60)
-        browser.call("Page.navigate", url=f"{label_studio.url}/projects/{pushed['project']}/data?task={task['id']}")
-        data = task["data"]
-        wanted = [data["prompt"], data["answer_a"].strip()[:40], data["answer_b"].strip()[:40]]
-        browser.wait_for(" && ".join(f"document.body.innerText.includes({json.dumps(w)})" for w in wanted),
-                         timeout=120)
-        browser.wait_for("document.body.innerText.includes('Which answer is better')", timeout=30)
-        browser.screenshot(ROOT / "docs" / "collection" / "labeling.png")
-    finally:
-        browser.close()
+    text = screenshot_task(label_studio.url, pushed["project"], task, tmp_path / "labeling.png")
+    assert (tmp_path / "labeling.png").stat().st_size > 10_000
+    assert "Tie" in text and "Both bad" in text and "Answer A" in text and "Answer B" in text

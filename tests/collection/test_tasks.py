@@ -44,3 +44,14 @@ def test_comparison_items_show_the_candidates_in_the_stored_order():
         assert [item["answer_a"], item["answer_b"]] == [task["candidates"][k] for k in item["order"]]
         assert sorted(item["order"]) == item["pair"]
     assert items[0]["conversation"][0] == {"role": "system", "content": "sys"} and items[0]["prompt"] == "hi"
+
+
+def test_a_re_push_recognises_the_same_comparison_but_not_the_next_rounds():
+    from collection.labelstudio import comparison_key
+
+    round1 = {"id": "p-x", "prompt": PROMPT, "candidates": ["c0", "c1"], "model": "m", "sampling": {}}
+    round2 = {**round1, "candidates": ["d0", "d1"], "model": "run1"}
+    first, again, swapped = t.comparison_items(round1)[0], t.comparison_items(dict(round1))[0], {
+        **t.comparison_items(round1)[0], "answer_a": "c1", "answer_b": "c0"}
+    assert comparison_key(first) == comparison_key(again) == comparison_key(swapped)
+    assert comparison_key(t.comparison_items(round2)[0]) != comparison_key(first)

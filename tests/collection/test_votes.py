@@ -78,10 +78,12 @@ def test_label_studio_export_with_several_annotators():
         {**_ls("left"), "completed_by": 1}, {**_ls("left"), "completed_by": 2}, {**_ls("right"), "completed_by": 3},
         {**_ls(cancelled=True), "completed_by": 4}]},
         {"id": 8, "data": data, "annotations": [{**_ls(verdict="Tie"), "completed_by": 1}]},
-        {"id": 9, "data": data, "annotations": [{**_ls(cancelled=True), "completed_by": 1}]}]
+        {"id": 9, "data": data, "annotations": [{**_ls(cancelled=True), "completed_by": 1}]},
+        {"id": 10, "data": data, "annotations": []},
+        {"id": 11, "data": data, "annotations": [{**_ls(), "completed_by": 2}]}]
     records, summary = v.resolve(v.items_from_label_studio(export, {1: "ann1@x", 2: "ann2@x"}))
     assert [(r["chosen"], r["rejected"], r["system"]) for r in records] == [("second", "first", "be kind")]
-    assert summary["dropped"] == {"tie": 1, "no usable annotation": 1}
+    assert summary["dropped"] == {"tie": 1, "skipped": 1, "not annotated": 1, "no usable annotation": 1}
     assert summary["per_annotator"]["ann1@x"] == {"B": 1, "tie": 1, "skipped": 1}
     assert summary["per_annotator"]["user 4"] == {"skipped": 1}
 

@@ -186,20 +186,21 @@ def check_min_lr(values: dict, given: set) -> list[Problem]:
 
 
 def check_batch_split(values: dict, given: set) -> list[Problem]:
+    """A global batch the replicas cannot divide is split unevenly (training/ds_config.py batch_split: Nova Pro's
+    recipes run 32 pairs on 6 or 12 replicas); fewer pairs than replicas leaves a replica nothing to train."""
     if not _have(values, GBS, REPLICAS):
         return []
     total, replicas = values[GBS], values[REPLICAS]
-    if total % replicas:
-        below, above = total // replicas * replicas, (total // replicas + 1) * replicas
-        multiples = f"{below} or {above}" if below else str(above)
-        counts = ", ".join(map(str, divisors_up_to(total)))
-        return [(GBS, f"global_batch_size {total} is not divisible by run.replicas={replicas}; replica counts that "
-                      f"divide it: {counts}; or make global_batch_size a multiple of {replicas} ({multiples})")]
+    if total < replicas:
+        counts = f"1..{total}" if total > 1 else "1"
+        return [(GBS, f"global_batch_size {total} is below run.replicas={replicas}: every replica trains at least "
+                      f"one pair per step; use {counts} replicas, or make global_batch_size {replicas} or more")]
     micro = values.get(MICRO)
-    per_replica = total // replicas
-    if micro is not None and per_replica % micro:
-        sizes = ", ".join(map(str, divisors_up_to(per_replica)))
-        return [(MICRO, f"{micro} does not divide the per-replica batch {per_replica} (global_batch_size {total} / "
+    busiest = -(-total // replicas)  # the busiest replica's share of a step
+    if micro is not None and busiest % micro:
+        sizes = ", ".join(map(str, divisors_up_to(busiest)))
+        share = "per-replica batch" if total % replicas == 0 else "busiest replica's share"
+        return [(MICRO, f"{micro} does not divide the {share} {busiest} (global_batch_size {total} / "
                         f"run.replicas {replicas}); micro batch sizes that divide it: {sizes}")]
     return []
 

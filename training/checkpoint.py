@@ -36,15 +36,17 @@ import torch
 
 from core import storage
 from core.errors import ConfigError, StorageError
+from training import reshard
 from training.plan import RunPlan
 
 TAG = "state"
 STATE_FILE = "raydpo_state.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
 CHECKPOINT_PREFIX = "checkpoint_"
-# What the saved data position means: resuming under a different value would skip the wrong examples.
-PLAN_KEYS = ("workers", "zero_stage", "micro_batch", "accum", "micro_steps_per_epoch", "total_steps", "train_pairs",
-             "shuffle_buffer", "seed")
+# What the saved data position (global batches, training/batch_split.py) means: resuming under a different value
+# would skip the wrong pairs. The worker count is not one of them: the position is the same on any number of workers.
+PLAN_KEYS = ("global_batch_size", "steps_per_epoch", "total_steps", "train_pairs", "shuffle_buffer", "length_grouping",
+             "group_buffer", "seed")
 
 
 def marker_name(rank: int) -> str:
@@ -57,10 +59,9 @@ def rng_name(rank: int) -> str:
 
 # ---------------------------------------------------------------- pure arithmetic
 
-def samples_consumed(epoch: int, micro_in_epoch: int, micro_steps_per_epoch: int, micro_batch: int,
-                     workers: int) -> int:
-    """Training pairs consumed since the run began, across all workers: the data position."""
-    return (epoch * micro_steps_per_epoch + micro_in_epoch) * micro_batch * workers
+def samples_consumed(epoch: int, batches_in_epoch: int, steps_per_epoch: int, global_batch_size: int) -> int:
+    """Training pairs consumed since the run began, across all workers: the data position, in global pairs."""
+    return (epoch * steps_per_epoch + batches_in_epoch) * global_batch_size
 
 
 def restarts(events: list[int | None], resumed_from: int = 0) -> list[dict]:
@@ -82,7 +83,10 @@ def restarts(events: list[int | None], resumed_from: int = 0) -> list[dict]:
 
 
 def plan_fingerprint(plan: RunPlan, seed: int) -> dict:
-    return {k: getattr(plan, k) for k in PLAN_KEYS if k != "seed"} | {"seed": seed}
+    fixed = {"seed": seed, "global_batch_size": sum(plan.rank_pairs)}
+    # and what the files' layout depends on: a change means a conversion (training/reshard.py)
+    layout = {"workers": plan.workers, "zero_stage": plan.zero_stage}
+    return {k: getattr(plan, k) for k in PLAN_KEYS if k not in fixed} | fixed | layout
 
 
 def plan_mismatches(saved: dict, current: dict) -> list[str]:
@@ -121,9 +125,8 @@ def write_checkpoint(engine, folder: str, state: dict, *, rank: int, world: int,
     engine.save_checkpoint(folder, tag=TAG, exclude_frozen_parameters=lora)  # collective; LoRA: adapters only
     (Path(folder) / rng_name(rank)).write_text(json.dumps(rng_state()))
     if rank == 0:
-        saved = state | {"samples_consumed": samples_consumed(state["epoch"], state["micro_in_epoch"],
-                                                              plan.micro_steps_per_epoch, plan.micro_batch,
-                                                              world),
+        saved = state | {"samples_consumed": samples_consumed(state["epoch"], state["batches_in_epoch"],
+                                                              plan.steps_per_epoch, sum(plan.rank_pairs)),
                          "world_size": world, "lora": lora, "plan": plan_fingerprint(plan, seed),
                          "rows": list(rows)}
         (Path(folder) / STATE_FILE).write_text(json.dumps(saved, indent=1))
@@ -198,19 +201,25 @@ def checkpoint_to_resume(plan: RunPlan, rank: int) -> str | None:
     return chosen
 
 
-def restore(engine, uri: str, rank: int) -> dict:
-    """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state."""
-    with local_copy(uri, rank) as folder:
-        engine.checkpoint_engine.load = partial(load_tensors_only, uri=uri)  # DeepSpeed's own load unpickles
+def restore(engine, uri: str, rank: int, universal: str | None = None) -> dict:
+    """Loads weights, optimizer, scheduler and this rank's RNG from a checkpoint URI; returns the loop state.
+    universal: the checkpoint's universal form (another worker count, reshard.py), which the engine was configured
+    to load (`checkpoint.load_universal`); the step, data position and RNG still come from the checkpoint itself."""
+    source = universal or uri
+    with local_copy(source, None if universal else rank) as folder:
+        if universal:  # DeepSpeed reads universal files with its own torch.load: each one is checked first
+            for path in sorted(Path(folder).rglob("*.pt")):
+                load_tensors_only(str(path), uri=source)
+        engine.checkpoint_engine.load = partial(load_tensors_only, uri=source)  # DeepSpeed's own load unpickles
         engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=False)  # LoRA checkpoints hold no frozen base weights
-        saved = json.loads((Path(folder) / STATE_FILE).read_text())
-        rng_file = Path(folder) / rng_name(rank)
-        if rng_file.exists():
-            set_rng_state(json.loads(rng_file.read_text()))
-        else:  # a checkpoint written before RNG went to JSON (rng_rank<r>.pt) is never unpickled
-            print(f"raydpo: {uri} has no {rng_name(rank)}: the random state starts from the seed", flush=True)
-    return {k: saved[k] for k in ("step", "epoch", "micro_in_epoch")} | {"rows": saved.get("rows", [])}
+    saved = read_state(uri)
+    rng_uri = f"{uri.rstrip('/')}/{rng_name(rank)}"
+    if storage.exists(rng_uri):
+        set_rng_state(json.loads(storage.read_bytes(rng_uri)))
+    else:  # a rank the checkpoint's run did not have, or a checkpoint from before RNG went to JSON
+        print(f"raydpo: {uri} has no {rng_name(rank)}: the random state starts from the seed", flush=True)
+    return {k: saved[k] for k in ("step", "epoch", "batches_in_epoch")} | {"rows": saved.get("rows", [])}
 
 
 @contextmanager
@@ -235,9 +244,13 @@ def local_copy(uri: str, rank: int) -> Iterator[str]:
 RANK_FILE = re.compile(r"(?:^|/)(?:[a-z0-9]+_)?(?:zero_pp_rank_|rng_rank|complete_rank)(\d+)[_.]")
 
 
-def files_for_rank(names: list[str], rank: int) -> list[str]:
-    """The checkpoint files one rank needs: the shared ones and its own, not the other ranks' shards."""
-    return sorted(n for n in names if (m := RANK_FILE.search(n)) is None or int(m.group(1)) == rank)
+def files_for_rank(names: list[str], rank: int | None) -> list[str]:
+    """The checkpoint files one rank needs: the shared ones and its own, not the other ranks' shards nor the
+    universal conversion (reshard.py). rank None: every file (a universal checkpoint: each rank reads them all)."""
+    if rank is None:
+        return sorted(names)
+    return sorted(n for n in names if not n.startswith(reshard.UNIVERSAL_DIR + "/")
+                  and ((m := RANK_FILE.search(n)) is None or int(m.group(1)) == rank))
 
 
 def deepspeed_safe_globals() -> list:
@@ -381,21 +394,29 @@ def resume_point(ray_train_uri: str, explicit: str | None) -> dict:
 
 
 def check_resumable(saved: dict, plan: RunPlan, seed: int, uri: str) -> None:
-    """ConfigError when the checkpoint cannot continue under this plan (replica count, batch split, data)."""
+    """ConfigError when the checkpoint cannot continue under this plan (batch, data, replica count)."""
+    if "micro_in_epoch" in saved:
+        raise ConfigError(f"cannot resume from {uri}", why="it was written by an earlier raydpo, whose data position "
+                          "counted each worker's micro-batches (now: global batches, the same on any worker count)",
+                          fix="start a new run (a new run.name), or finish this one with the raydpo that began it")
     current = plan_fingerprint(plan, seed)
     problems = plan_mismatches(saved.get("plan", {}), current)
-    if not problems:
-        return
-    if saved["plan"]["workers"] != current["workers"]:
-        why = (f"the checkpoint holds {saved['plan']['workers']} ZeRO-3 partitions (one per worker) and this run has "
-               f"{current['workers']} workers; raydpo does not reshard checkpoints (no DeepSpeed universal "
-               "checkpoint conversion)")
-        fix = (f"resume with the checkpoint's replica count (--replicas {saved['plan']['workers']} on CPU, or the "
-               "same GPUs per node and replicas), or start a new run (a new run.name)")
-    else:
-        why = "the data position saved in the checkpoint only means the same thing under the same plan"
-        fix = "resume with the recipe the checkpoint was written under, or start a new run (a new run.name)"
-    raise ConfigError(f"cannot resume from {uri}", problems=problems, why=why, fix=fix)
+    if problems:
+        raise ConfigError(f"cannot resume from {uri}", problems=problems,
+                          why="the data position saved in the checkpoint only means the same thing under the same "
+                              "plan", fix="resume with the recipe the checkpoint was written under, or start a new "
+                                          "run (a new run.name)")
+    before = saved["plan"]
+    if reshard.needs_universal(before, plan.workers, plan.zero_stage) and before.get("zero_stage") != plan.zero_stage:
+        # a universal checkpoint loads on any worker count, not at another ZeRO stage (training/reshard.py)
+        was = f"ZeRO stage {before.get('zero_stage')} on {before.get('workers')} worker(s)"
+        raise ConfigError(f"cannot resume from {uri} at ZeRO stage {plan.zero_stage}",
+                          problems=[f"zero_stage: the checkpoint was written at {was}"],
+                          why="DeepSpeed loads a checkpoint on another worker count only at the stage it was "
+                              "written at" + (" (stage 0 writes plain torch state, which its converter does not "
+                                              "read)" if before.get("zero_stage") == 0 else ""),
+                          fix=f"set training_config.zero_stage={before.get('zero_stage')} (or leave it out), resume "
+                              f"on {before.get('workers')} worker(s), or start a new run (a new run.name)")
 
 
 def metrics_until(run_uri: str, step: int) -> list[dict]:

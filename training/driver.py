@@ -5,6 +5,7 @@ cluster/placement.py). Builds one frozen RunPlan (training/plan.py) and hands bo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue as queue_module
@@ -27,7 +28,7 @@ from core.errors import DataError, RaydpoError
 from core.manifest import write_manifest
 from core.models import load_tokenizer
 from training import checkpoint as ckpt
-from training import ds_config, failures
+from training import ds_config, failures, reshard
 from training.plan import RAY_TRAIN_DIR, ResumeAt, RunPlan, build_run_plan
 from training.trainer import ProgressCallback, build_trainer, format_progress, format_validation
 
@@ -95,7 +96,8 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
         recipe, workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
         train_pairs=summary.train_pairs, validation_pairs=summary.validation_pairs, probe=probe,
         resume=ResumeAt(checkpoint=resume["uri"], ray_checkpoint_at_start=resume["ray_latest"],
-                        checkpoints_at_start=tuple(ckpt.checkpoint_names(ray_train_uri))),
+                        checkpoints_at_start=tuple(ckpt.checkpoint_names(ray_train_uri)),
+                        zero_stage=resume["state"]["plan"].get("zero_stage") if resume["uri"] else None),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), overrides=plan_overrides)
     if plan.total_steps == 0:
         raise DataError(f"{summary.train_pairs} training pairs make no full step of "
@@ -106,8 +108,18 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
         ckpt.check_resumable(resume["state"], plan, tc.seed, resume["uri"])
         say(f"resuming from {resume['uri']}: step {resumed_step}/{plan.total_steps}, "
             f"{resume['state']['samples_consumed']} pairs consumed")
-    say(f"plan: {plan.workers} worker(s) × micro batch {plan.micro_batch} × accumulation {plan.accum} = "
-        f"{tc.global_batch_size} pairs per step, {plan.total_steps} steps, reference: {plan.reference}")
+        if reshard.needs_universal(resume["state"]["plan"], plan.workers, plan.zero_stage):
+            say(f"the checkpoint was written by {resume['state']['plan']['workers']} worker(s), this run has "
+                f"{plan.workers}: the same global batch, step and data position, resharded")
+            # the one change to the plan after it is built, before any worker sees it
+            plan = dataclasses.replace(plan, resume=dataclasses.replace(
+                plan.resume, universal=reshard.convert_to_universal(resume["uri"], say)))
+    split = (f"{plan.workers} worker(s) × micro batch {plan.micro_batch} × accumulation {plan.accum}"
+             if len(set(plan.rank_pairs)) == 1 else
+             f"{plan.workers} workers taking {'+'.join(map(str, plan.rank_pairs))} pairs (micro batch "
+             f"{plan.micro_batch} × accumulation {plan.accum} at most, the lighter ranks' loss weighted)")
+    say(f"plan: {split} = {tc.global_batch_size} pairs per step, {plan.total_steps} steps, "
+        f"reference: {plan.reference}")
 
     datasets = {"train": pipeline.tokenized_dataset(train_files, recipe, "train", fraction)}
     if plan.has_validation:
@@ -122,6 +134,7 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
                                          file_fingerprints(val_files)},
             on_gpu=plan.use_gpu, actors=plan.workers if plan.use_gpu else 1, chunk_size=plan.logprob_chunk,
             say=say, share_prompt=plan.share_prompt)
+    datasets["train"] = in_file_order(datasets["train"])
     earlier_rows = ckpt.metrics_until(uri, resumed_step)  # the interrupted run's curve up to the checkpoint
 
     # ---- train: the workers report every log_every_n_steps steps; the driver prints and records
@@ -209,6 +222,14 @@ def follow_training(recipe: Recipe, plan: RunPlan, datasets: dict, *, staging: P
     runner.join()
     tracking.close(trackers, status="FAILED" if "error" in outcome else "FINISHED")
     return metrics_rows, final, worker_failures, step_events, outcome
+
+
+def in_file_order(dataset):
+    """The training set materialised once, in file order: every worker reads it whole (training/batch_split.py), so
+    it is tokenised here once, not once per worker. preserve_order: without it Ray Data hands blocks over as its
+    tasks finish, and a resumed run would number the pairs otherwise."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset.materialize()
 
 
 def probe_pairs(files: list[str], recipe: Recipe, fraction: float) -> dict:

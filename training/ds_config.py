@@ -11,35 +11,61 @@ from core.errors import ConfigError
 
 def batch_plan(global_batch_size: int, workers: int, micro_batch_size: int | None = None, *,
                replicas: int | None = None) -> tuple[int, int]:
-    """(micro batch per worker, gradient accumulation steps) with micro × accum × workers = global batch.
+    """(micro batch per worker, gradient accumulation steps) for the busiest worker's share of a step.
 
-    Without a requested micro batch, the largest micro batch up to 4 pairs that divides the per-worker share: more
-    pairs per forward is faster until memory runs out, and 4 pairs of 1k tokens fit a small GPU. A split that cannot
-    work is a ConfigError: the recipe check sees replicas, not workers (replicas x GPUs per node on GPU nodes).
+    The global batch is split as evenly as the workers allow (batch_split: 32 over 6 is 6, 6, 5, 5, 5, 5); the
+    busiest share is micro × accum exactly, and a lighter worker's last micro-batch holds a pair fewer (micro_sizes).
+    Without a requested micro batch, the largest one up to 4 pairs that divides the busiest share: more pairs per
+    forward is faster until memory runs out, and 4 pairs of 1k tokens fit a small GPU. A split that cannot work is
+    a ConfigError: the recipe check sees replicas, not workers (replicas x GPUs per node on GPU nodes).
     """
     where = f"{workers} workers" + (f" (run.replicas={replicas} × {workers // replicas} GPUs per node)"
                                     if replicas and workers != replicas else "")
-    if global_batch_size % workers:
-        counts = ", ".join(map(str, dividing_worker_counts(global_batch_size)))
+    if global_batch_size < workers:
         multiples = ", ".join(str(workers * k) for k in (1, 2, 4))
         raise ConfigError(f"training_config.global_batch_size={global_batch_size} does not split over {where}",
-                          why="every worker trains the same number of pairs per step (micro batch × accumulation "
-                              "× workers = global_batch_size)",
-                          fix=f"set global_batch_size to a multiple of {workers} ({multiples}, ...), or run on a "
-                              f"worker count that divides {global_batch_size}: {counts}")
-    per_worker = global_batch_size // workers
+                          why="every worker trains at least one pair per step",
+                          fix=f"set global_batch_size to {workers} or more (a multiple of {workers} splits evenly: "
+                              f"{multiples}, ...), or run on at most {global_batch_size} workers")
+    busiest = max(batch_split(global_batch_size, workers))
     if micro_batch_size is None:
-        micro_batch_size = max(m for m in range(1, min(per_worker, 4) + 1) if per_worker % m == 0)
-    if per_worker % micro_batch_size:
-        sizes = ", ".join(str(m) for m in range(1, per_worker + 1) if per_worker % m == 0)
+        micro_batch_size = max(m for m in range(1, min(busiest, 4) + 1) if busiest % m == 0)
+    if busiest % micro_batch_size:
+        sizes = ", ".join(str(m) for m in range(1, busiest + 1) if busiest % m == 0)
         raise ConfigError(f"training_config.micro_batch_size={micro_batch_size} does not divide the "
-                          f"{per_worker} pairs each of {where} trains per step",
+                          f"{busiest} pairs each of {where} trains per step"
+                          + ("" if global_batch_size % workers == 0 else " (the busiest worker's share)"),
                           fix=f"set micro_batch_size to one of {sizes}, or null to let raydpo choose")
-    return micro_batch_size, per_worker // micro_batch_size
+    return micro_batch_size, busiest // micro_batch_size
 
 
-def dividing_worker_counts(global_batch_size: int, limit: int = 64) -> list[int]:
-    return [n for n in range(1, limit + 1) if global_batch_size % n == 0]
+def batch_split(global_batch_size: int, workers: int) -> tuple[int, ...]:
+    """Pairs each rank trains per step: as even as it gets, the first ranks take one more (32 over 6: 6,6,5,5,5,5)."""
+    share, extra = divmod(global_batch_size, workers)
+    return tuple(share + (rank < extra) for rank in range(workers))
+
+
+def rank_offset(global_batch_size: int, workers: int, rank: int) -> int:
+    """Where rank's pairs start in a step's global batch: the ranks before it take theirs first."""
+    return sum(batch_split(global_batch_size, workers)[:rank])
+
+
+def micro_sizes(share: int, micro_batch: int, accum: int) -> tuple[int, ...]:
+    """Real pairs in each of a rank's accum micro-steps: full micro-batches first. Every rank runs accum micro-steps
+    (ZeRO reduces gradients at each backward, a collective), so a rank with fewer pairs may have an empty last one:
+    it trains one pair at loss weight 0 (a padding pair: its gradient is zero, its collectives run)."""
+    assert share <= micro_batch * accum, (share, micro_batch, accum)
+    return tuple(min(micro_batch, max(share - i * micro_batch, 0)) for i in range(accum))
+
+
+def loss_weight(pairs: int, *, workers: int, accum: int, global_batch_size: int) -> float:
+    """The factor on a micro-batch's mean loss over its `pairs` real pairs, so that the step's gradient is the mean
+    over the global batch, as one worker training on all of it would have.
+
+    DeepSpeed divides each backward by accum and averages the ranks' gradients (divides by workers), so the step's
+    gradient is 1/(workers·accum) × Σ over every micro-batch of grad(weight × mean loss). Each pair's loss must
+    count 1/global_batch_size: weight = workers·accum·pairs / global_batch_size (1 when the split is even)."""
+    return workers * accum * pairs / global_batch_size
 
 
 def steps_per_epoch(pairs: int, global_batch_size: int) -> int:
@@ -68,12 +94,17 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, constant_st
 
 
 
-def zero_stage(workers: int, requested: int | None = None) -> int:
+def zero_stage(workers: int, requested: int | None = None, checkpoint_stage: int | None = None) -> int:
     """ZeRO-3 across several workers; with one there is nothing to shard across, and ZeRO-3's per-module gather and
-    release hooks only cost time (measured here: a LoRA step on SmolLM2-135M took twice as long as without them)."""
+    release hooks only cost time (measured here: a LoRA step on SmolLM2-135M took twice as long as without them), so
+    stage 1: no hooks, and a checkpoint DeepSpeed's universal converter reads (stage 0's is plain torch state; a bf16
+    run gets stage 1 anyway, engine_stage). A run resumed from a checkpoint keeps its stage (checkpoint_stage):
+    universal checkpoints load across worker counts, not across stages (training/reshard.py)."""
     if requested is not None:
         return requested
-    return 3 if workers > 1 else 0
+    if checkpoint_stage is not None:
+        return checkpoint_stage
+    return 3 if workers > 1 else 1
 
 
 def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: str, grad_clip: float = 1.0,
@@ -92,6 +123,9 @@ def deepspeed_config(*, micro_batch: int, accum: int, workers: int, precision: s
     """
     stage = engine_stage(stage, precision)
     config = {
+        # micro x accum x workers: DeepSpeed checks this product and uses it for nothing else. With an uneven split
+        # it is more than the global batch (the light ranks' missing pairs); the loop drives accumulation with the
+        # same accum micro-steps on every rank and weights each one's loss (loss_weight), which DeepSpeed never sees
         "train_batch_size": micro_batch * accum * workers,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accum,

@@ -17,13 +17,13 @@ import torch
 
 from core import devices
 from core.attention import attention_for_model, on_device
-from core.batch import collate_for, model_layout
+from core.batch import REFERENCE_COLUMNS, collate_for, model_layout
 from core.config import LoraTuning, Recipe
-from core.data.pipeline import grouped_micro_batches
+from core.data.pipeline import TOKEN_COLUMNS, as_columns, grouped_micro_batches, shard_rows
 from core.forward import add_logps_head, sequence_logps_of
 from core.models import dropout_overrides, load_config, load_tokenizer, lora_config, resolve_model_source
 from training import checkpoint as ckpt
-from training import ds_config, save
+from training import batch_split, ds_config, save
 from training.losses import dpo_loss, total_loss
 from training.optim import build_optimizer, group_lrs, scheduler_factory
 from training.plan import RunPlan, logs_at
@@ -68,7 +68,12 @@ def train_loop(config: dict) -> None:
     dropouts["attn_implementation"] = attention_for_model(model_config, packing=plan.packing,  # core/attention.py
                                                           share_prompt=plan.share_prompt, on_gpu=on_gpu)
 
+    assert len(plan.rank_pairs) == world, (plan.rank_pairs, world)  # Ray started the workers the plan asked for
     resume_uri = ckpt.checkpoint_to_resume(plan, rank)
+    # the driver's checkpoint from another worker count: its universal form (training/reshard.py); a checkpoint this
+    # run wrote since (a worker-group restart) has this run's layout
+    universal = plan.resume.universal if resume_uri and resume_uri == plan.resume.checkpoint else None
+    engine_config["checkpoint"] = {"load_universal": universal is not None}
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
     layout = model_layout(policy.config, packing=plan.packing, share_prompt=plan.share_prompt)
@@ -100,7 +105,7 @@ def train_loop(config: dict) -> None:
     def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
         return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
 
-    def batches(split: str, epoch: int):
+    def batches(split: str, epoch: int):  # validation: each worker its own part of the split (Ray Data's)
         shuffled = split == "train" and plan.shuffle_buffer is not None
         if plan.length_grouping:  # micro-batches of similar-width pairs (core/data/pipeline.py)
             return grouped_micro_batches(ray.train.get_dataset_shard(split), micro_batch=plan.micro_batch,
@@ -112,21 +117,31 @@ def train_loop(config: dict) -> None:
             local_shuffle_seed=tc.seed + epoch if split == "train" else None)
 
     # resuming: after a worker-group restart, a driver rerun or --resume-from (the step, epoch and data position)
-    state = ckpt.restore(engine, resume_uri, rank) if resume_uri else {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    state = (ckpt.restore(engine, resume_uri, rank, universal) if resume_uri else
+             {"step": 0, "epoch": 0, "batches_in_epoch": 0})
     replay = state.pop("rows", [])
     if replay:  # a worker that died may have taken reports with it: the driver keeps the steps it never received
         ckpt.send_metrics({"reports": replay, "replayed": True})
 
     def train_batches():
-        """The micro-batches still to train, epoch after epoch, from the data position in `state`, which moves as
-        each is handed out (a checkpoint saves it; a resumed run skips what it already trained on)."""
+        """(micro-batch, real pairs in it) still to train, epoch after epoch, from the data position in `state`: the
+        global batches done in this epoch, the same count whatever the worker count (training/batch_split.py). It
+        moves as each global batch is handed out; a checkpoint saves it; a resumed run skips what was trained."""
         while True:
-            epoch_batches = enumerate(batches("train", state["epoch"]))
-            for micro, batch in islice(epoch_batches, state["micro_in_epoch"], plan.micro_steps_per_epoch):
-                state["micro_in_epoch"] = micro + 1
-                yield batch
+            epoch = state["epoch"]
+            rng = random.Random(tc.seed + epoch) if plan.shuffle_buffer is not None else None
+            rows = shard_rows(ray.train.get_dataset_shard("train"), (*TOKEN_COLUMNS, "source", *REFERENCE_COLUMNS))
+            epoch_batches = enumerate(batch_split.global_batches(
+                rows, global_batch_size=tc.global_batch_size, buffer_size=plan.group_buffer, rng=rng,
+                group_by_length=plan.length_grouping))
+            for index, global_batch in islice(epoch_batches, state["batches_in_epoch"], plan.steps_per_epoch):
+                state["batches_in_epoch"] = index + 1
+                for rows_, pairs in batch_split.rank_micro_batches(
+                        global_batch, shares=plan.rank_pairs, rank=rank, micro_batch=plan.micro_batch, accum=plan.accum,
+                        by_width=plan.length_grouping):
+                    yield collate_with_sources(as_columns(rows_)), pairs
             state["epoch"] += 1
-            state["micro_in_epoch"] = 0
+            state["batches_in_epoch"] = 0
 
     def pair_logps(batch, model, with_grad):
         batch = on_device(batch, device)  # once per micro-batch: policy and reference share it and its mask
@@ -182,15 +197,18 @@ def train_loop(config: dict) -> None:
     engine.train()
     started = time.time()
     parts, sources, step_started = [], [], time.time()
-    for batch in train_batches() if state["step"] < plan.total_steps else ():  # resumed at the end: nothing left
+    for batch, pairs in train_batches() if state["step"] < plan.total_steps else ():  # resumed at the end: none
         loss, part = loss_of(batch, with_grad=True)
-        engine.backward(loss)
+        # an uneven split: this rank's share weighted so the step's gradient is the global batch's mean (ds_config)
+        engine.backward(loss * ds_config.loss_weight(pairs, workers=world, accum=plan.accum,
+                                                     global_batch_size=tc.global_batch_size))
         boundary = engine.is_gradient_accumulation_boundary()
         logged = boundary and logs_at(state["step"] + 1, plan.total_steps, plan.log_every)
         unclipped_norm = grad_norm(engine) if logged else None
         engine.step()
-        parts.append(part)
-        sources += batch["sources"]
+        if pairs:  # a padding pair (weight 0) is no part of the step's metrics or pairs
+            parts.append(part)
+            sources += batch["sources"]
         if not boundary:
             continue
         state["step"] += 1
@@ -198,8 +216,8 @@ def train_loop(config: dict) -> None:
         if logged:  # one host copy and one gather per logged step, none per micro-batch
             metrics = metrics_of(gather(step_record(parts), world), elapsed=time.time() - step_started)
             reports.append(metrics | {
-                "step": state["step"], "epoch": state["epoch"] + (state["micro_in_epoch"] - 1) /
-                plan.micro_steps_per_epoch, "split": "train", "lr": scheduler.get_last_lr()[0],
+                "step": state["step"], "epoch": state["epoch"] + (state["batches_in_epoch"] - 1) /
+                plan.steps_per_epoch, "split": "train", "lr": scheduler.get_last_lr()[0],
                 "lr_groups": group_lrs(optimizer),
                 "grad_norm": float(engine.get_global_grad_norm() or unclipped_norm or 0.0),
                 "elapsed_s": time.time() - started, "total_steps": plan.total_steps})

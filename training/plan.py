@@ -22,6 +22,8 @@ class ResumeAt:
     checkpoint: str | None = None               # the checkpoint to continue from (latest complete, or --resume-from)
     ray_checkpoint_at_start: str | None = None  # the latest one Ray knows of: it hands it to workers on its own
     checkpoints_at_start: tuple[str, ...] = ()  # names there before this run: a restart looks for newer ones
+    zero_stage: int | None = None               # the checkpoint's ZeRO stage: a resumed run keeps it
+    universal: str | None = None                # the checkpoint converted for another worker count (reshard.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +32,9 @@ class RunPlan:
     workers: int
     use_gpu: bool
     placement_strategy: str
-    # the batch split: micro_batch x accum x workers = training_config.global_batch_size
+    # the batch split: rank r trains rank_pairs[r] pairs a step (their sum: training_config.global_batch_size), in
+    # accum micro-batches of up to micro_batch; micro_batch x accum is the busiest rank's share (ds_config.batch_plan)
+    rank_pairs: tuple[int, ...]
     micro_batch: int
     accum: int
     zero_stage: int
@@ -83,7 +87,8 @@ def build_run_plan(recipe: Recipe, *, workers: int, use_gpu: bool, placement_str
     uri = run_uri(recipe)
     fields = dict(
         workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
-        micro_batch=micro, accum=accum, zero_stage=ds_config.zero_stage(workers, tc.zero_stage),
+        rank_pairs=ds_config.batch_split(tc.global_batch_size, workers),
+        micro_batch=micro, accum=accum, zero_stage=ds_config.zero_stage(workers, tc.zero_stage, resume.zero_stage),
         train_pairs=train_pairs, validation_pairs=validation_pairs,
         total_steps=ds_config.total_steps(train_pairs, tc.global_batch_size, tc.trainer.max_epochs,
                                           tc.trainer.max_steps),

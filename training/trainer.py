@@ -37,8 +37,10 @@ def build_trainer(recipe: Recipe, plan: RunPlan, datasets: dict, *, storage_path
 
     from training.loop import train_loop  # the worker side: deepspeed and transformers load there
 
-    # preserve_order: a resumed run must see the data in the same order to skip exactly what it trained on
-    data_config = ray.train.DataConfig(datasets_to_split="all",
+    # preserve_order: a resumed run must see the data in the same order to skip exactly what it trained on. The
+    # training set is not split: every worker reads all of it and trains its slice of each global batch
+    # (training/batch_split.py), so the data position does not depend on the worker count
+    data_config = ray.train.DataConfig(datasets_to_split=["validation"],
                                        execution_options=ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker=train_loop,

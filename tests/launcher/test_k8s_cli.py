@@ -81,10 +81,10 @@ def test_cpu_image_raycluster_has_no_gpus(tmp_path, schemas, monkeypatch):
 
 def test_replicas_that_cannot_split_the_batch_name_those_that_can(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    assert main(["k8s", "render", "recipes/reference.yaml", *S3, "--replicas", "3", "-o",
+    assert main(["k8s", "render", "recipes/reference.yaml", *S3, "--replicas", "16", "-o",
                  str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "replica counts that divide it: 1, 2, 4, 8" in err
+    assert "use 1..8 replicas, or make global_batch_size 16 or more" in err
     assert not (tmp_path / "x.yaml").exists()
 
 

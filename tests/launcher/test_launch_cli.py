@@ -53,8 +53,8 @@ def test_launch_hands_the_scaled_cluster_and_the_train_command_to_the_launcher(c
 
 
 def test_replicas_that_cannot_split_the_batch_stop_before_any_cluster(calls, capsys):
-    assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/local.yaml", "--replicas", "3"]) == 2
-    assert "replica counts that divide it: 1, 2, 4, 8" in capsys.readouterr().err
+    assert main(["launch", "recipes/reference.yaml", "--cluster", "cluster/local.yaml", "--replicas", "16"]) == 2
+    assert "use 1..8 replicas, or make global_batch_size 16 or more" in capsys.readouterr().err
     assert calls == []
 
 

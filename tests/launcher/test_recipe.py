@@ -379,11 +379,23 @@ def test_min_lr_must_be_below_lr():
                        "allowed: 0 <= min_lr < lr")
 
 
-def test_global_batch_not_divisible_by_replicas_names_the_counts_that_divide():
-    (problem,) = problems_of(minimal(run__replicas=3))
+def test_a_batch_below_the_replica_count_is_a_problem_naming_the_counts_that_work():
+    (problem,) = problems_of(minimal(run__replicas=16))
     assert problem == (
-        "training_config.global_batch_size: global_batch_size 8 is not divisible by run.replicas=3; replica counts "
-        "that divide it: 1, 2, 4, 8; or make global_batch_size a multiple of 3 (6 or 9)")
+        "training_config.global_batch_size: global_batch_size 8 is below run.replicas=16: every replica trains at "
+        "least one pair per step; use 1..8 replicas, or make global_batch_size 16 or more")
+
+
+def test_nova_pro_recipes_split_32_pairs_unevenly_over_6_and_12_replicas():
+    # aws/sagemaker-hyperpod-recipes nova_pro_1_0_p5_gpu_dpo (replicas 6) and _p4d_ (12), global_batch_size 32
+    for replicas in (6, 12):
+        recipe = load_recipe(minimal(run__replicas=replicas, training_config__global_batch_size=32))
+        assert (recipe.run.replicas, recipe.training_config.global_batch_size) == (replicas, 32)
+    # 32 over 6 is 6,6,5,5,5,5: a micro batch must divide the busiest replica's 6
+    (problem,) = problems_of(minimal(run__replicas=6, training_config__global_batch_size=32,
+                                     training_config__micro_batch_size=4))
+    assert problem == ("training_config.micro_batch_size: 4 does not divide the busiest replica's share 6 "
+                       "(global_batch_size 32 / run.replicas 6); micro batch sizes that divide it: 1, 2, 3, 6")
 
 
 def test_divisors_up_to_hand_worked():
@@ -394,9 +406,9 @@ def test_divisors_up_to_hand_worked():
     assert divisors_up_to(1) == [1]
 
 
-def test_batch_above_replicas_suggests_only_the_multiple_above():
+def test_batch_below_replicas_suggests_the_counts_that_work():
     (problem,) = problems_of(minimal(training_config__global_batch_size=2, run__replicas=3))
-    assert "replica counts that divide it: 1, 2; or make global_batch_size a multiple of 3 (3)" in problem
+    assert "use 1..2 replicas, or make global_batch_size 3 or more" in problem
 
 
 def test_micro_batch_must_divide_the_per_replica_batch():
@@ -476,7 +488,7 @@ def test_validation_sources():
 def test_every_problem_is_reported_in_one_error():
     raw = minimal(
         run__name="Bad_Name",
-        run__replicas=3,
+        run__replicas=16,
         training_config__trainer__max_epochs=9,
         training_config__model__dpo_cfg__beta="high",
         training_config__model__dpo_cfg__loss_tpye="ipo",

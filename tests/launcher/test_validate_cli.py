@@ -71,7 +71,7 @@ def test_json_overrides_then_dotted(capsys, tmp_path):
 
 
 def test_problems_all_printed_exit_2_no_traceback(capsys):
-    code = main(["validate", REFERENCE, "beta=0.9", "max_epochs=7", "losstype=ipo", "--replicas", "3"])
+    code = main(["validate", REFERENCE, "beta=0.9", "max_epochs=7", "losstype=ipo", "--replicas", "16"])
     out, err = capsys.readouterr()
     assert code == 2
     assert out == ""
@@ -80,8 +80,8 @@ def test_problems_all_printed_exit_2_no_traceback(capsys):
     assert "  - training_config.model.dpo_cfg.beta: 0.9 is not allowed; allowed: [0.001, 0.5]\n" in err
     assert "  - training_config.trainer.max_epochs: 7 is not allowed; allowed: 1..5\n" in err
     assert "  - losstype: unknown key (value 'ipo'); did you mean training_config.model.dpo_cfg.loss_type?" in err
-    assert ("  - training_config.global_batch_size: global_batch_size 8 is not divisible by run.replicas=3; "
-            "replica counts that divide it: 1, 2, 4, 8") in err
+    assert ("  - training_config.global_batch_size: global_batch_size 8 is below run.replicas=16: every replica "
+            "trains at least one pair per step; use 1..8 replicas") in err
 
 
 def test_missing_file_and_bad_json_exit_2(capsys, tmp_path):

@@ -15,11 +15,13 @@ import yaml
 from core.config import LoraTuning
 from tests.s3server import s3_server  # noqa: F401
 from training import checkpoint as ckpt
+from training import reshard
 from training.plan import RunPlan
 from core import storage
 from core.errors import ConfigError, StorageError
 
-PLAN = RunPlan(workers=2, use_gpu=False, placement_strategy="PACK", zero_stage=3, micro_batch=4, accum=1,
+PLAN = RunPlan(workers=2, use_gpu=False, placement_strategy="PACK", zero_stage=3, rank_pairs=(4, 4), micro_batch=4,
+               accum=1,
                micro_steps_per_epoch=6, steps_per_epoch=6, total_steps=6, train_pairs=50, validation_pairs=0,
                has_validation=False, val_every=None, checkpoint_every=None, log_every=1, reference="precompute",
                shuffle_buffer=1000, group_buffer=1000, run_uri="unused", model_uri="unused/model",
@@ -29,11 +31,11 @@ FAST = storage.RetryPolicy(tries=3, first_delay_s=0.01, max_delay_s=0.02)
 
 # ---------------------------------------------------------------- pure rules
 
-def test_samples_consumed_counts_every_worker_and_finished_epochs():
-    # epoch 1 done (6 micro-batches per worker), 3 more this epoch: (6 + 3) * 4 pairs * 2 workers = 72
-    assert ckpt.samples_consumed(1, 3, micro_steps_per_epoch=6, micro_batch=4, workers=2) == 72
-    assert ckpt.samples_consumed(0, 0, micro_steps_per_epoch=6, micro_batch=4, workers=2) == 0
-    assert ckpt.samples_consumed(0, 5, micro_steps_per_epoch=6, micro_batch=1, workers=3) == 15
+def test_samples_consumed_counts_global_batches_and_finished_epochs():
+    # epoch 1 done (6 steps), 3 more this epoch: (6 + 3) steps * 8 pairs = 72, on any number of workers
+    assert ckpt.samples_consumed(1, 3, steps_per_epoch=6, global_batch_size=8) == 72
+    assert ckpt.samples_consumed(0, 0, steps_per_epoch=6, global_batch_size=8) == 0
+    assert ckpt.samples_consumed(0, 5, steps_per_epoch=6, global_batch_size=32) == 160
 
 
 def test_restarts_read_from_the_steps_and_failures_the_driver_saw():
@@ -73,16 +75,21 @@ def test_a_checkpoint_registered_by_this_run_wins_over_the_drivers_choice():
     assert pick(None, None, None, "/r/checkpoint_a", "/r/checkpoint_c") == "/r/checkpoint_c"
 
 
-def test_resuming_with_another_replica_count_is_refused_naming_the_checkpoints_count():
+def test_another_worker_count_resumes_resharded_but_not_another_zero_stage():
     saved = {"plan": ckpt.plan_fingerprint(PLAN, seed=42)}
     ckpt.check_resumable(saved, PLAN, 42, "/r/ck")  # same plan: fine
-    four = replace(PLAN, **{"workers": 4, "micro_batch": 2})
+    four = replace(PLAN, **{"workers": 4, "rank_pairs": (2, 2, 2, 2), "micro_batch": 2})
+    ckpt.check_resumable(saved, four, 42, "/r/ck")  # the data position is in global batches: fine on 4 workers
+    assert reshard.needs_universal(saved["plan"], 4, 3) and not reshard.needs_universal(saved["plan"], 2, 3)
+    three = replace(PLAN, **{"workers": 3, "rank_pairs": (3, 3, 2), "micro_batch": 3})  # uneven: fine too
+    ckpt.check_resumable(saved, three, 42, "/r/ck")
     with pytest.raises(ConfigError) as err:
-        ckpt.check_resumable(saved, four, 42, "/r/ck")
-    text = str(err.value)
-    assert "cannot resume from /r/ck" in text
-    assert "workers: the checkpoint was written with 2, this run has 4" in text
-    assert "--replicas 2" in err.value.fix and "universal" in err.value.why
+        ckpt.check_resumable(saved, replace(four, zero_stage=1), 42, "/r/ck")
+    assert "zero_stage: the checkpoint was written at ZeRO stage 3 on 2 worker(s)" in str(err.value)
+    assert "training_config.zero_stage=3" in err.value.fix
+    old_one_worker = {"plan": ckpt.plan_fingerprint(replace(PLAN, workers=1, rank_pairs=(8,), zero_stage=0), 42)}
+    with pytest.raises(ConfigError, match="stage 0 writes plain torch state"):
+        ckpt.check_resumable(old_one_worker, four, 42, "/r/ck")
 
 
 def test_resuming_under_another_data_plan_is_refused():
@@ -132,7 +139,7 @@ class FakeEngine:
 
 
 def write_complete_checkpoint(uri: str, step: int, tmp_path: Path, world: int = 2, retry=FAST) -> None:
-    state = {"step": step, "epoch": 0, "micro_in_epoch": step}
+    state = {"step": step, "epoch": 0, "batches_in_epoch": step}
     for rank in range(world):
         local = tmp_path / f"local-{step}-{rank}"
         local.mkdir()
@@ -143,12 +150,12 @@ def write_complete_checkpoint(uri: str, step: int, tmp_path: Path, world: int = 
 
 def test_written_checkpoint_records_state_position_and_each_ranks_files(tmp_path):
     engine = FakeEngine(0)
-    ckpt.write_checkpoint(engine, str(tmp_path), {"step": 4, "epoch": 0, "micro_in_epoch": 4}, rank=0, world=2,
+    ckpt.write_checkpoint(engine, str(tmp_path), {"step": 4, "epoch": 0, "batches_in_epoch": 4}, rank=0, world=2,
                           plan=PLAN, seed=42, lora=True)
     assert engine.calls == [{"tag": "state", "exclude_frozen_parameters": True}]  # LoRA: no frozen base
     saved = json.loads((tmp_path / ckpt.STATE_FILE).read_text())
     assert saved["step"] == 4 and saved["world_size"] == 2
-    assert saved["samples_consumed"] == 4 * 4 * 2  # 4 micro-batches of 4 pairs on each of 2 workers
+    assert saved["samples_consumed"] == 4 * 8  # 4 steps of the global batch of 8
     assert saved["plan"]["workers"] == 2 and saved["plan"]["seed"] == 42
     marker = json.loads((tmp_path / ckpt.marker_name(0)).read_text())
     assert marker["files"]["state/zero_pp_rank_0_mp_rank_00_optim_states.pt"] == 100
@@ -158,14 +165,14 @@ def test_written_checkpoint_records_state_position_and_each_ranks_files(tmp_path
     rank1 = tmp_path / "rank1"
     rank1.mkdir()
     full = FakeEngine(1)
-    ckpt.write_checkpoint(full, str(rank1), {"step": 4, "epoch": 0, "micro_in_epoch": 4}, rank=1, world=2,
+    ckpt.write_checkpoint(full, str(rank1), {"step": 4, "epoch": 0, "batches_in_epoch": 4}, rank=1, world=2,
                           plan=PLAN, seed=42, lora=False)
     assert full.calls[0]["exclude_frozen_parameters"] is False
     assert not (rank1 / ckpt.STATE_FILE).exists()  # rank 0 alone writes the shared state
 
 
 def test_upload_sends_the_marker_after_every_other_file(tmp_path, monkeypatch):
-    ckpt.write_checkpoint(FakeEngine(0), str(tmp_path), {"step": 1, "epoch": 0, "micro_in_epoch": 1}, rank=0,
+    ckpt.write_checkpoint(FakeEngine(0), str(tmp_path), {"step": 1, "epoch": 0, "batches_in_epoch": 1}, rank=0,
                           world=1, plan=PLAN, seed=42, lora=True)
     order = []
 
@@ -346,7 +353,7 @@ def test_upload_rides_out_a_server_restart(s3_server, tmp_path, monkeypatch):
     bucket = s3_server.make_bucket("ckpt-restart")
     local = tmp_path / "local"
     local.mkdir()
-    ckpt.write_checkpoint(FakeEngine(0), str(local), {"step": 2, "epoch": 0, "micro_in_epoch": 2}, rank=0, world=1,
+    ckpt.write_checkpoint(FakeEngine(0), str(local), {"step": 2, "epoch": 0, "batches_in_epoch": 2}, rank=0, world=1,
                           plan=PLAN, seed=42, lora=True)
     calls, real = [], storage.filesystem_for
 
@@ -405,7 +412,7 @@ def test_a_bucket_that_disappears_stops_the_upload_with_a_storage_error(s3_serve
     bucket = s3_server.make_bucket("ckpt-gone")
     local = tmp_path / "local"
     local.mkdir()
-    ckpt.write_checkpoint(FakeEngine(0), str(local), {"step": 2, "epoch": 0, "micro_in_epoch": 2}, rank=0, world=1,
+    ckpt.write_checkpoint(FakeEngine(0), str(local), {"step": 2, "epoch": 0, "batches_in_epoch": 2}, rank=0, world=1,
                           plan=PLAN, seed=42, lora=True)
     s3_server.remove_bucket("ckpt-gone")
     with pytest.raises(StorageError) as err:
@@ -480,7 +487,7 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(single_process_
     first = new_engine()
     for seed in range(3):
         train_step(first, seed)
-    state = {"step": 3, "epoch": 0, "micro_in_epoch": 3}
+    state = {"step": 3, "epoch": 0, "batches_in_epoch": 3}
     rows = [{"step": s, "split": "train", "loss": 0.7 - 0.1 * s} for s in (2, 3)]  # reported since the last one
     ckpt.write_checkpoint(first, str(tmp_path / "lora"), state, rank=0, world=1, plan=replace(PLAN, **{"workers": 1, "zero_stage": stage}),
                           seed=42, lora=True, rows=rows)
@@ -550,7 +557,7 @@ def test_restore_never_unpickles_a_planted_file(tmp_path):
     """An old-style rng_rank0.pt and a DeepSpeed state file, both crafted to run a command: neither runs."""
     import torch
 
-    ckpt.write_checkpoint(FakeEngine(0), str(tmp_path), {"step": 2, "epoch": 0, "micro_in_epoch": 2}, rank=0,
+    ckpt.write_checkpoint(FakeEngine(0), str(tmp_path), {"step": 2, "epoch": 0, "batches_in_epoch": 2}, rank=0,
                           world=1, plan=PLAN, seed=42, lora=True)
     proof = tmp_path / "ran"
     (tmp_path / ckpt.rng_name(0)).unlink()

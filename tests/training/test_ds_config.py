@@ -21,20 +21,52 @@ def test_batch_plan_keeps_the_global_batch(global_batch, workers, micro, expecte
     assert got[0] * got[1] * workers == global_batch
 
 
-def test_a_batch_that_does_not_split_over_the_workers_is_a_config_error():
+def test_a_batch_smaller_than_the_worker_count_is_a_config_error():
     # run.replicas=2 on 8-GPU nodes: 16 workers cannot share 8 pairs a step
     with pytest.raises(ConfigError) as info:
         ds_config.batch_plan(8, 16, None, replicas=2)
     assert "16 workers (run.replicas=2 × 8 GPUs per node)" in info.value.what
-    assert "multiple of 16 (16, 32, 64" in info.value.fix and "1, 2, 4, 8" in info.value.fix
+    assert "16 or more (a multiple of 16 splits evenly: 16, 32, 64" in info.value.fix
+    assert "at most 8 workers" in info.value.fix
     # 12 pairs over 2 workers is 6 each: a micro batch of 4 does not divide it
     with pytest.raises(ConfigError, match="micro_batch_size=4 does not divide the 6 pairs") as info:
         ds_config.batch_plan(12, 2, 4)
     assert "1, 2, 3, 6" in info.value.fix
 
 
-def test_dividing_worker_counts():
-    assert ds_config.dividing_worker_counts(12, limit=12) == [1, 2, 3, 4, 6, 12]
+def test_an_uneven_split_nova_pro_32_pairs_over_6_and_12_workers():
+    # by hand: 32 = 6 * 5 + 2, so the first 2 ranks take 6 and the other 4 take 5
+    assert ds_config.batch_split(32, 6) == (6, 6, 5, 5, 5, 5)
+    assert ds_config.batch_split(32, 12) == (3,) * 8 + (2,) * 4   # 32 = 12 * 2 + 8
+    assert ds_config.batch_split(8, 2) == (4, 4)
+    assert [ds_config.rank_offset(32, 6, r) for r in range(6)] == [0, 6, 12, 17, 22, 27]
+    # the busiest share 6: the largest micro batch up to 4 that divides it is 3, accumulated twice
+    assert ds_config.batch_plan(32, 6) == (3, 2)
+    assert ds_config.batch_plan(32, 12) == (3, 1)
+    assert ds_config.batch_plan(32, 3) == (1, 11)   # 11, 11, 10: only 1 divides 11
+    assert ds_config.batch_plan(32, 6, 2) == (2, 3)
+    with pytest.raises(ConfigError, match="micro_batch_size=4 does not divide the 6 pairs .*busiest"):
+        ds_config.batch_plan(32, 6, 4)
+
+
+def test_micro_sizes_fill_full_micro_batches_first_and_mark_an_empty_one():
+    assert ds_config.micro_sizes(6, 3, 2) == (3, 3)
+    assert ds_config.micro_sizes(5, 3, 2) == (3, 2)
+    assert ds_config.micro_sizes(10, 1, 11) == (1,) * 10 + (0,)   # a padding micro-step on the light rank
+    assert ds_config.micro_sizes(2, 3, 1) == (2,)
+
+
+def test_loss_weights_make_every_pair_count_one_over_the_global_batch():
+    # even: 8 pairs on 2 workers, one micro-batch of 4 each: weight 1 (the plain mean is already right)
+    assert ds_config.loss_weight(4, workers=2, accum=1, global_batch_size=8) == 1.0
+    # 32 over 6, micro 3 x accum 2: a full micro-batch of 3 weighs 6*2*3/32, the light ranks' 2-pair one 6*2*2/32
+    assert ds_config.loss_weight(3, workers=6, accum=2, global_batch_size=32) == pytest.approx(36 / 32)
+    assert ds_config.loss_weight(2, workers=6, accum=2, global_batch_size=32) == pytest.approx(24 / 32)
+    assert ds_config.loss_weight(0, workers=6, accum=2, global_batch_size=32) == 0.0
+    # every pair: weight / (workers * accum * pairs in its micro-batch) = 1/32, summed over 32 pairs = 1
+    total = sum(ds_config.loss_weight(n, workers=6, accum=2, global_batch_size=32) / (6 * 2)
+                for share in ds_config.batch_split(32, 6) for n in ds_config.micro_sizes(share, 3, 2))
+    assert total == pytest.approx(1.0)
 
 
 def test_step_counts_drop_the_last_partial_batch():
@@ -88,7 +120,9 @@ def test_zero3_keeps_small_parameters_whole_and_releases_gathered_ones_at_once()
 
 
 def test_one_worker_runs_without_partitioning_unless_the_recipe_asks():
-    assert ds_config.zero_stage(workers=1) == 0
+    assert ds_config.zero_stage(workers=1) == 1  # no hooks, and a checkpoint the universal converter reads
+    assert ds_config.zero_stage(workers=1, checkpoint_stage=3) == 3  # resumed from 2 workers: the checkpoint's stage
+    assert ds_config.zero_stage(workers=2, requested=1, checkpoint_stage=3) == 1  # the recipe's word wins
     assert ds_config.zero_stage(workers=2) == 3
     assert ds_config.zero_stage(workers=1, requested=3) == 3
     assert ds_config.zero_stage(workers=4, requested=0) == 0

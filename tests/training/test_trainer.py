@@ -33,7 +33,7 @@ def test_plan_on_cpu_one_worker_per_replica():
     plan = plan_for(recipe(), train_pairs=50, validation_pairs=10)
     assert (plan.workers, plan.micro_batch, plan.accum, plan.use_gpu) == (2, 4, 1, False)
     assert plan.zero_stage == 3  # several workers: ZeRO-3 shards across them
-    assert plan_for(recipe(replicas=1), train_pairs=50, validation_pairs=10).zero_stage == 0
+    assert plan_for(recipe(replicas=1), train_pairs=50, validation_pairs=10).zero_stage == 1
     assert plan.total_steps == 6 and plan.micro_steps_per_epoch == 6  # 50 // 8 steps, 1 micro step each
     assert plan.has_validation and plan.run_uri == "s3://bucket/runs/t"
     assert plan.model_uri == "s3://bucket/runs/t/model" and plan.ray_train_uri == "s3://bucket/runs/t/ray_train"

@@ -191,13 +191,14 @@ def train_loop(config: dict) -> None:
             ckpt.send_metrics({"reports": reports})
             unsaved_rows += reports
 
-    after_step = step_hook(rank)  # tests trace each step's pairs through it (RAYDPO_TRACE_DIR); else nothing
-
     # ---------------------------------------------------------------- train
     engine.train()
     started = time.time()
-    parts, sources, step_started = [], [], time.time()
-    for batch, pairs in train_batches() if state["step"] < plan.total_steps else ():  # resumed at the end: none
+    parts, step_started = [], time.time()
+    # the failure tests' tracer (RAYDPO_TRACE_DIR) wraps the micro-batches; without it they come as they are
+    micro_batches = ckpt.traced(train_batches(), state, rank,
+                                sources_of=lambda item: item[0]["sources"] if item[1] else [])
+    for batch, pairs in micro_batches if state["step"] < plan.total_steps else ():  # resumed at the end: none
         loss, part = loss_of(batch, with_grad=True)
         # an uneven split: this rank's share weighted so the step's gradient is the global batch's mean (ds_config)
         engine.backward(loss * ds_config.loss_weight(pairs, workers=world, accum=plan.accum,
@@ -206,9 +207,8 @@ def train_loop(config: dict) -> None:
         logged = boundary and logs_at(state["step"] + 1, plan.total_steps, plan.log_every)
         unclipped_norm = grad_norm(engine) if logged else None
         engine.step()
-        if pairs:  # a padding pair (weight 0) is no part of the step's metrics or pairs
+        if pairs:  # a padding pair (weight 0) is no part of the step's metrics
             parts.append(part)
-            sources += batch["sources"]
         if not boundary:
             continue
         state["step"] += 1
@@ -224,8 +224,7 @@ def train_loop(config: dict) -> None:
         if plan.val_every and state["step"] % plan.val_every == 0 and state["step"] < plan.total_steps:
             reports.append(validate(state["step"]))
         send(reports)
-        after_step(state["step"], sources)
-        parts, sources, step_started = [], [], time.time()
+        parts, step_started = [], time.time()
         if state["step"] >= plan.total_steps:
             break
 
@@ -247,16 +246,6 @@ def train_loop(config: dict) -> None:
     del engine, reference
     if on_gpu:
         torch.cuda.empty_cache()
-
-
-def step_hook(rank: int):
-    """What runs after each optimizer step with (step, the file:line of its pairs): the failure tests' tracer
-    (training/checkpoint.py trace_step) when RAYDPO_TRACE_DIR is set in the workers' environment, else nothing."""
-    import os
-
-    if not os.environ.get(ckpt.TRACE_DIR_ENV):
-        return lambda step, sources: None
-    return lambda step, sources: ckpt.trace_step(step, rank, sources)
 
 
 def hidden_size_of(config) -> int | None:

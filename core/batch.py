@@ -50,7 +50,16 @@ def collate_pairs(batch: dict, pad_id: int, pad_to_multiple: int = 1) -> dict:
         loss_mask[row, start: len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "real_tokens": int(attention_mask.sum()), "computed_tokens": int(input_ids.numel()),
-            **reference_tensors(batch)}
+            **reference_tensors(batch), **vision_tensors(batch, width)}
+
+
+def vision_tensors(batch: dict, width: int) -> dict:
+    """A vision-language model's image inputs for the padded rows, when the pairs carry them (core/vision.py)."""
+    if "vision" not in batch:
+        return {}
+    from core.vision import collate_vision
+
+    return collate_vision(list(batch["vision"]), width)
 
 
 def packed_layout(lengths: list[int], prompt_lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -135,8 +144,11 @@ SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")  # take a custom m
 
 def mask_attention(config) -> str | None:
     """The attention implementation, as batch_layout reads it; "sliding_window" for a model with sliding-window
-    layers (Mistral, Gemma 2/3): a custom 4D mask would bypass its window, so its pairs keep padded rows."""
+    layers (Mistral, Gemma 2/3): a custom 4D mask would bypass its window, so its pairs keep padded rows; "vision"
+    for a vision-language model, whose pairs keep padded rows too (core/vision.py says why)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "vision_config", None) is not None:  # padded rows: image tokens and mrope (core/vision.py)
+        return "vision"
     if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
         return "sliding_window"
     return getattr(config, "_attn_implementation", None)

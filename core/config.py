@@ -112,6 +112,9 @@ class ModelCfg:
     optim: Optim = field(default_factory=Optim)
     dpo_cfg: DpoCfg = field(default_factory=DpoCfg)
     peft: Peft = field(default_factory=Peft)
+    # vision-language models (core/vision.py): the vision encoder stays frozen, the projector and LM train; false
+    # trains it too (full-rank: its weights; LoRA: adapters on it). A raydpo addition; text models ignore it.
+    freeze_vision_tower: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,9 +22,11 @@ import torch
 
 from core.attention import attention_mask
 from core.logprobs import IGNORE_INDEX, sequence_logps, token_logps
+from core.vision import VISION_KWARGS
 
 HEAD_FLAG = "_raydpo_logps_head"
-BACKBONE_KWARGS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+# a vision-language model's backbone takes its image inputs too (pixel_values, image_grid_thw, ...)
+BACKBONE_KWARGS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", *VISION_KWARGS)
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -86,6 +88,7 @@ def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool 
             inputs["attention_mask"] = mask
     else:
         inputs["attention_mask"] = batch["attention_mask"]
+    inputs.update({k: batch[k] for k in VISION_KWARGS if k in batch})  # a VLM's images (core/vision.py)
     if head:
         per_token = model(**inputs, logps_labels=labels, logps_chunk=chunk_size)
     else:

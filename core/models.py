@@ -179,19 +179,23 @@ def dropout_overrides(config, dropouts: dict[str, float]) -> dict[str, float]:
 
 
 def load_causal_lm(source: str, *, dtype=None, config_overrides: dict | None = None):
-    from transformers import AutoModelForCausalLM
+    """The model for inference and export: a causal LM, or a vision-language model through its own auto class
+    (core/vision.py), so evaluation, export and serving load what training trained."""
+    from core.vision import model_class
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), dtype=dtype, use_safetensors=True,
-                                                **(config_overrides or {}))
+    folder = resolve_model_source(source)
+    return model_class(load_config(folder)).from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                            **(config_overrides or {}))
 
 
-def lora_config(lora: LoraTuning, model_type: str | None = None):
-    """peft's LoraConfig from the recipe's training_config.model.peft.lora_tuning."""
+def lora_config(lora: LoraTuning, model_type: str | None = None, exclude_modules: list[str] | None = None):
+    """peft's LoraConfig from the recipe's training_config.model.peft.lora_tuning. exclude_modules: module names
+    that get no adapter (a vision-language model's frozen vision tower, core/vision.lora_exclusions)."""
     from peft import LoraConfig
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(r=lora.adapter_dim, lora_alpha=lora.alpha, lora_dropout=lora.adapter_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none", exclude_modules=exclude_modules)
 
 
 def load_trained(model_dir: str, *, dtype=None, load_kwargs: dict | None = None):

@@ -94,6 +94,11 @@ class LogpsActor:
             # the training forward: answer positions only, the prompt once per pair (core/forward.py, batch.py)
             add_logps_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.collate = collate_for(model_layout(self.model.config, share_prompt=True), self.tokenizer.pad_token_id)
+        from core.data.images import load_processor
+        from core.vision import is_vision_config
+
+        # a vision-language model: pairs through its processor, with their images (core/data/images.py)
+        self.processor = load_processor(model_source) if is_vision_config(self.model.config) else None
 
     def _logps(self, model, batch: dict):
         import torch
@@ -111,9 +116,16 @@ class LogpsActor:
         from core.data.tokenize import tokenize_record
 
         records = [json.loads(str(r)) for r in batch["record"]]
-        tokenized = [tokenize_record(r, self.tokenizer, max_length=self.settings.max_length,
-                                     default_system=self.settings.system_prompt) for r in records]
-        pairs = self.collate({k: [t[k] for t in tokenized] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        if self.processor is not None:
+            from core.data.images import vision_tokenize_record
+
+            tokenized = [vision_tokenize_record(r, self.processor, max_length=self.settings.max_length,
+                                                default_system=self.settings.system_prompt) for r in records]
+        else:
+            tokenized = [tokenize_record(r, self.tokenizer, max_length=self.settings.max_length,
+                                         default_system=self.settings.system_prompt) for r in records]
+        columns = ("prompt_ids", "chosen_ids", "rejected_ids") + (("vision",) if self.processor is not None else ())
+        pairs = self.collate({k: [t[k] for t in tokenized] for k in columns})
         pairs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
         chosen, rejected, n_chosen, n_rejected = self._logps(self.model, pairs)
         out = {"index": list(batch["index"]), "logp_chosen": chosen, "logp_rejected": rejected,

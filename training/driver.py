@@ -18,7 +18,7 @@ from typing import Callable
 import ray.util.queue
 import yaml
 
-from core import storage, tracking
+from core import storage, tracking, vision
 from core.config import Recipe, as_dict, run_uri
 from core.data import pipeline
 from core.data.formats import parse_line
@@ -26,7 +26,7 @@ from core.data.raw_rows import iter_raw_rows
 from core.data.tokenize import tokenize_record
 from core.errors import DataError, RaydpoError
 from core.manifest import write_manifest
-from core.models import load_tokenizer
+from core.models import load_config, load_tokenizer
 from training import checkpoint as ckpt
 from training import ds_config, failures, reshard
 from training.plan import RAY_TRAIN_DIR, ResumeAt, RunPlan, build_run_plan
@@ -68,10 +68,13 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
     val_files = storage.list_data_files(val_path) if val_path else []
     fraction = 0.0 if val_files else data_cfg.validation_fraction
     say(f"checking data: {len(train_files)} training file(s), {len(val_files)} validation file(s)")
-    summary = pipeline.preflight(train_files, data_cfg, tc.seed, fraction)
+    # a vision-language model (core/vision.py): its rows' images are checked here and processed in the data stages
+    vlm = vision.is_vision_config(load_config(recipe.run.model_name_or_path)) or None
+    summary = pipeline.preflight(train_files, data_cfg, tc.seed, fraction, vision=vlm)
     if val_files:
-        val_summary = pipeline.preflight(val_files, data_cfg, tc.seed, 0.0)
+        val_summary = pipeline.preflight(val_files, data_cfg, tc.seed, 0.0, vision=vlm)
         summary.validation_pairs = val_summary.train_pairs
+        summary.images += val_summary.images
         summary.bad_rows += val_summary.bad_rows
     write_jsonl(staging / "skipped_rows.jsonl", [{"source": s, "reason": r} for s, r in summary.bad_rows])
     if summary.bad_rows and data_cfg.on_error == "fail":
@@ -84,12 +87,13 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
                             "training_config.data.on_error=skip to train without them")
     if summary.bad_rows:
         say(f"skipping {len(summary.bad_rows)} bad row(s); listed in {uri}/skipped_rows.jsonl")
-    say(f"data: {summary.train_pairs} training pairs, {summary.validation_pairs} validation pairs")
+    say(f"data: {summary.train_pairs} training pairs, {summary.validation_pairs} validation pairs"
+        + (f", {summary.images} images" if vlm else ""))
 
     # ---- resume: the latest complete checkpoint under the run (or --resume-from), with its step and data position
     ray_train_uri = f"{uri}/{RAY_TRAIN_DIR}"
     resume = ckpt.resume_point(ray_train_uri, resume_from)
-    probe = probe_pairs(train_files, recipe, fraction)
+    probe = None if vlm else probe_pairs(train_files, recipe, fraction)  # a VLM's probe would need its images
 
     # ---- the plan, once: nothing edits it afterwards
     plan = build_run_plan(
@@ -98,7 +102,9 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
         resume=ResumeAt(checkpoint=resume["uri"], ray_checkpoint_at_start=resume["ray_latest"],
                         checkpoints_at_start=tuple(ckpt.checkpoint_names(ray_train_uri)),
                         zero_stage=resume["state"]["plan"].get("zero_stage") if resume["uri"] else None),
-        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), overrides=plan_overrides)
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), overrides=(plan_overrides or {}) | (
+            {"reference": vision.reference_for(tc.model.dpo_cfg.reference, tc.model.peft.peft_scheme == "lora")}
+            if vlm else {}))
     if plan.total_steps == 0:
         raise DataError(f"{summary.train_pairs} training pairs make no full step of "
                         f"global_batch_size={tc.global_batch_size}",
@@ -121,10 +127,11 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
     say(f"plan: {split} = {tc.global_batch_size} pairs per step, {plan.total_steps} steps, "
         f"reference: {plan.reference}")
 
-    datasets = {"train": pipeline.tokenized_dataset(train_files, recipe, "train", fraction)}
+    datasets = {"train": pipeline.tokenized_dataset(train_files, recipe, "train", fraction, vision=vlm)}
     if plan.has_validation:
-        datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0) if val_files
-                                  else pipeline.tokenized_dataset(train_files, recipe, "validation", fraction))
+        datasets["validation"] = (pipeline.tokenized_dataset(val_files, recipe, "train", 0.0, vision=vlm)
+                                  if val_files else
+                                  pipeline.tokenized_dataset(train_files, recipe, "validation", fraction, vision=vlm))
     reference_stage = None
     if plan.reference == "precompute":  # reference log-probs ahead of training, cached (training/reference.py)
         from training.reference import file_fingerprints, precompute_reference  # loads torch and transformers

@@ -83,6 +83,12 @@ def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
     merged.save_pretrained(str(target))
     tokenizer_dir = model_dir if any(model_dir.glob("tokenizer*")) else Path(resolve_model_source(base_source))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(target))
+    from core.vision import is_vision_config
+
+    if is_vision_config(merged.config):  # a vision-language model: its processor (image processor, template) too
+        from core.data.images import load_processor
+
+        load_processor(str(tokenizer_dir)).save_pretrained(str(target))
     if not (target / "generation_config.json").exists():
         GenerationConfig.from_model_config(merged.config).save_pretrained(str(target))
 

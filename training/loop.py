@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from core import devices
+from core import vision
 from core.attention import attention_for_model, on_device
 from core.batch import REFERENCE_COLUMNS, collate_for, model_layout
 from core.config import LoraTuning, Recipe
+from core.data.images import load_processor
 from core.data.pipeline import TOKEN_COLUMNS, as_columns, grouped_micro_batches, shard_rows
 from core.forward import add_logps_head, sequence_logps_of
 from core.models import dropout_overrides, load_config, load_tokenizer, lora_config, resolve_model_source
@@ -76,11 +78,15 @@ def train_loop(config: dict) -> None:
     engine_config["checkpoint"] = {"load_universal": universal is not None}
 
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
+    vlm = vision.is_vision_config(model_config)  # a vision-language model (core/vision.py)
+    if vlm and model_cfg.freeze_vision_tower:
+        vision.freeze_vision_tower(policy)  # the projector and the language model train
     layout = model_layout(policy.config, packing=plan.packing, share_prompt=plan.share_prompt)
     if plan.logps_head:
         add_logps_head(policy)  # before PEFT wraps it: the adapters' forward reaches the patched one
     if lora:
-        policy = wrap_lora(policy, model_cfg.peft.lora_tuning, dtype, tc.gradient_checkpointing)
+        policy = wrap_lora(policy, model_cfg.peft.lora_tuning, dtype, tc.gradient_checkpointing,
+                           exclude=vision.lora_exclusions(policy, model_cfg.freeze_vision_tower) if vlm else None)
     elif tc.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     optim = model_cfg.optim
@@ -239,7 +245,8 @@ def train_loop(config: dict) -> None:
         if plan.reference in ("engine", "adapter_disabled"):  # the reference as training ended: LoRA's base
             ref_chosen, ref_rejected = reference_logps(probe)
             probe_logps |= {"reference_chosen": ref_chosen.tolist(), "reference_rejected": ref_rejected.tolist()}
-    save.save_final_model(engine, tokenizer, plan.model_uri, rank, lora)  # training/save.py: LoRA: the adapter
+    saved_with = load_processor(model_source) if vlm else tokenizer  # a VLM's folder keeps its processor
+    save.save_final_model(engine, saved_with, plan.model_uri, rank, lora)  # training/save.py: LoRA: the adapter
     ckpt.send_metrics({"reports": final, "final": True, "probe_logps": probe_logps, "step": state["step"]})
 
     # ---------------------------------------------------------------- clean up
@@ -275,18 +282,19 @@ def load_under_zero_init(source: str, dtype, engine_config: dict, config_overrid
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds_config = HfDeepSpeedConfig(engine_config)  # must stay alive while from_pretrained runs
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **config_overrides)
+    auto_class = vision.model_class(load_config(source)) if source else AutoModelForCausalLM  # a VLM: its own
+    model = auto_class.from_pretrained(source, dtype=dtype, **config_overrides)
     return model, hf_ds_config
 
 
-def wrap_lora(model, lora: LoraTuning, dtype, gradient_checkpointing: bool):
+def wrap_lora(model, lora: LoraTuning, dtype, gradient_checkpointing: bool, exclude: list[str] | None = None):
     from peft import get_peft_model
 
     if gradient_checkpointing:
         # ZeRO-3 + LoRA: reentrant checkpointing needs inputs that require grad, or adapters get no gradient.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(lora))
+    model = get_peft_model(model, lora_config(lora, exclude_modules=exclude))
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.to(dtype)  # adapters in the base dtype: ZeRO-3 flattens one dtype

@@ -263,6 +263,14 @@ def nova_content(content, where: str) -> tuple[str, int]:
     return "\n".join(texts), images
 
 
+def nova_parts(content: list) -> list[dict]:
+    """A checked Nova content list as chat-template parts, in order: {"type": "text", "text"} and {"type": "image",
+    "uri", "format"}; the vision-language data stage (core/data/images.py) puts each image where it stood."""
+    return [{"type": "text", "text": part["text"]} if isinstance(part.get("text"), str) else
+            {"type": "image", "uri": part["image"]["source"]["s3Location"]["uri"], "format": part["image"]["format"]}
+            for part in content]
+
+
 def _nova_candidates(candidates) -> tuple[str, str]:
     if not isinstance(candidates, list):
         raise RowError("'candidates' must be a list")
@@ -301,7 +309,7 @@ def parse_nova(obj: dict) -> Pair:
         if "candidates" in message:
             raise RowError(f"messages[{i}] holds candidates; only the last turn may")
         text, count = nova_content(message.get("content"), f"messages[{i}]")
-        turns.append({"role": role, "content": text})
+        turns.append({"role": role, "content": text} | ({"parts": nova_parts(message["content"])} if count else {}))
         images += count
     if last.get("role") != "assistant":
         raise RowError("the turn holding the candidates must be an assistant turn")

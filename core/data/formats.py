@@ -153,7 +153,8 @@ def _misfit_note(obj: dict, name: str, fmt: str) -> str:
 
 
 def empty_record(source: str) -> dict:
-    return {"system": None, "prompt": [], "chosen": "", "rejected": "", "tools": None, "images": 0, "source": source}
+    return {"system": None, "prompt": [], "chosen": "", "rejected": "", "tools": None, "images": 0, "media": None,
+            "source": source}
 
 
 def parse_batch(batch: dict[str, list], fmt: str = "auto", key_map: dict | None = None) -> dict[str, list]:

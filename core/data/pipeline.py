@@ -40,7 +40,9 @@ def summarize_batch(batch: dict) -> dict:
     """One row per batch: pair counts per split and the bad rows (source, reason), for the driver to add up."""
     errors = [(str(s), e) for s, e in zip(batch["source"], batch["error"]) if is_bad(e)]
     good = [sp for sp, e in zip(batch["split"], batch["error"]) if not is_bad(e)]
-    return {"train": [good.count("train")], "validation": [good.count("validation")], "bad": [json.dumps(errors)]}
+    images = sum(int(n or 0) for n, e in zip(batch["images"], batch["error"]) if not is_bad(e))
+    return {"train": [good.count("train")], "validation": [good.count("validation")], "bad": [json.dumps(errors)],
+            "images": [images]}
 
 
 @dataclass
@@ -49,41 +51,53 @@ class DataSummary:
     validation_pairs: int = 0
     bad_rows: list = field(default_factory=list)  # [(source, reason)]
     files: list = field(default_factory=list)
+    images: int = 0  # images in the good rows (a vision-language model's data)
 
     def as_dict(self) -> dict:
         return {"files": self.files, "good": self.train_pairs + self.validation_pairs, "train": self.train_pairs,
-                "validation": self.validation_pairs, "bad": len(self.bad_rows)}
+                "validation": self.validation_pairs, "bad": len(self.bad_rows), "images": self.images}
 
 
-def parsed_rows(uris: list[str], data: Data, seed: int, validation_fraction: float):
+def parsed_rows(uris: list[str], data: Data, seed: int, validation_fraction: float, vision: bool | None = None):
+    """vision: None reads rows only; True/False also checks their images for a vision-language / text model
+    (core/data/images.py check_images: a text model's image rows are bad, a VLM's images must be usable)."""
     from core.data.source import read_raw_rows
 
     ds = read_raw_rows(uris, shuffle_files=data.shuffle, seed=seed)
-    return ds.map_batches(parse_and_split, fn_kwargs=dict(fmt=data.format, key_map=dict(data.key_map),
-                                                          validation_fraction=validation_fraction, seed=seed))
+    ds = ds.map_batches(parse_and_split, fn_kwargs=dict(fmt=data.format, key_map=dict(data.key_map),
+                                                        validation_fraction=validation_fraction, seed=seed))
+    if vision is not None:
+        from core.data.images import check_images
+
+        ds = ds.map_batches(check_images, fn_kwargs=dict(vision=vision))
+    return ds
 
 
-def preflight(uris: list[str], data: Data, seed: int, validation_fraction: float) -> DataSummary:
+def preflight(uris: list[str], data: Data, seed: int, validation_fraction: float,
+              vision: bool | None = None) -> DataSummary:
     """Streams every row through the parser once and adds up what is good and what is bad, with file:line."""
     summary = DataSummary(files=list(uris))
-    for row in parsed_rows(uris, data, seed, validation_fraction).map_batches(summarize_batch).iter_rows():
+    for row in parsed_rows(uris, data, seed, validation_fraction, vision).map_batches(summarize_batch).iter_rows():
         summary.train_pairs += int(row["train"])
         summary.validation_pairs += int(row["validation"])
+        summary.images += int(row["images"])
         summary.bad_rows.extend(tuple(pair) for pair in json.loads(row["bad"]))
     summary.bad_rows.sort()
     return summary
 
 
 def tokenized_dataset(uris: list[str], recipe: Recipe, split: str, validation_fraction: float, *,
-                      tokenizer_actors: int = 1):
-    """The tokenised pairs of one split, lazily: Ray Data runs it while the workers read their shards."""
+                      tokenizer_actors: int = 1, vision: bool | None = None):
+    """The tokenised pairs of one split, lazily: Ray Data runs it while the workers read their shards. vision: as
+    for preflight (the same rows must come out); True tokenises through the model's processor with the images."""
+    from core.data.images import VisionTokenizeStage
     from core.data.tokenize import TokenizeStage
 
     tc = recipe.training_config
-    ds = parsed_rows(uris, tc.data, tc.seed, validation_fraction)
+    ds = parsed_rows(uris, tc.data, tc.seed, validation_fraction, vision)
     ds = ds.filter(lambda row: not is_bad(row["error"]) and row["split"] == split)
     return ds.map_batches(
-        TokenizeStage, batch_size=64, concurrency=tokenizer_actors, num_cpus=1,
+        VisionTokenizeStage if vision else TokenizeStage, batch_size=16 if vision else 64, concurrency=tokenizer_actors, num_cpus=1,
         fn_constructor_kwargs=dict(model_source=recipe.run.model_name_or_path, max_length=tc.max_length,
                                    max_prompt_length=tc.data.max_prompt_length,
                                    keep=tc.data.prompt_truncation, default_system=tc.data.system_prompt))
@@ -144,7 +158,7 @@ def as_columns(rows: list[dict]) -> dict:
 def shard_rows(shard, columns: tuple[str, ...]):
     """A worker's shard (a Ray DataIterator) as row dicts of the columns the loss needs."""
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1):
-        present = [c for c in columns if c in batch]
+        present = [c for c in (*columns, "vision") if c in batch]  # a VLM's images ride along (core/vision.py)
         yield from (dict(zip(present, values)) for values in zip(*(batch[c] for c in present)))
 
 

@@ -48,6 +48,13 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], *, max_l
 
 def tokenize_record(record: dict, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
                     keep: str = "keep_end", default_system: str | None = None) -> dict:
+    if record.get("images"):  # the prompt without its images would train silently on the wrong question
+        from core.errors import DataError
+
+        raise DataError(f"{record.get('source', '')}: the row holds {record['images']} image(s) and the model is a "
+                        "text model", why="a text model sees the prompt without its images",
+                        fix="train a vision-language model on image rows (one AutoModelForImageTextToText loads: "
+                            "Qwen2-VL, SmolVLM, LLaVA; README 'Images'), or drop the image rows")
     texts = template_texts(record, tokenizer, default_system)
     ids = {k: tokenizer(texts[k], add_special_tokens=False)["input_ids"] for k in ("prompt", "chosen", "rejected")}
     prompt, chosen, rejected, truncated = truncate(

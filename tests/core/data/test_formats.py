@@ -72,9 +72,14 @@ def nova_row(candidates=None, user_content=None):
 # --- each format from hand-written rows -----------------------------------------------------------------------------
 
 def test_nova_row_becomes_the_canonical_record():
-    assert good(nova_row()) == make_record(
-        [user("Hi\nthere"), assistant("Hello!"), user("What is this?")], "A cat\non a mat.", "A cat.",
+    image_turn = user("What is this?") | {"parts": [{"type": "text", "text": "What is this?"}, {
+        "type": "image", "uri": "s3://my-bucket/img/cat.png", "format": "png"}]}
+    record = good(nova_row())
+    assert record == make_record(
+        [user("Hi\nthere"), assistant("Hello!"), image_turn], "A cat\non a mat.", "A cat.",
         system="Be brief.\nBe kind.", images=1, source="f.jsonl:1")
+    # the text turns keep no parts; the image turn keeps its text and image in order, for vision-language models
+    assert json.loads(record["media"]) == [None, None, image_turn["parts"]]
 
 
 def test_trl_standard_row():
@@ -247,20 +252,23 @@ def test_parse_batch_columns_and_empty_values_for_bad_rows():
              "source": ["f.jsonl:1", "f.jsonl:2"]}
     out = parse_batch(batch)
     assert set(out) == {*RECORD_KEYS, "error"}
-    assert [out[k][0] for k in RECORD_KEYS] == [None, [user("q")], "a", "b", None, 0, "f.jsonl:1"]
-    assert [out[k][1] for k in RECORD_KEYS] == [None, [], "", "", None, 0, "f.jsonl:2"]
+    assert [out[k][0] for k in RECORD_KEYS] == [None, [user("q")], "a", "b", None, 0, None, "f.jsonl:1"]
+    assert [out[k][1] for k in RECORD_KEYS] == [None, [], "", "", None, 0, None, "f.jsonl:2"]
     assert out["error"][0] is None and out["error"][1].startswith("malformed JSON")
 
 
 def test_parse_batch_output_has_a_fixed_arrow_schema():
     import pyarrow as pa
 
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "system": "s", "tools": [{"name": "f"}]}, "{bad"]
-    out = parse_batch({"text": [r if isinstance(r, str) else json.dumps(r) for r in rows], "source": ["f:1", "f:2"]})
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "system": "s", "tools": [{"name": "f"}]}, "{bad",
+            nova_row()]
+    out = parse_batch({"text": [r if isinstance(r, str) else json.dumps(r) for r in rows],
+                       "source": ["f:1", "f:2", "g:1"]})
     schema = pa.Table.from_pydict(out).schema
     assert {name: str(schema.field(name).type) for name in schema.names} == {
         "system": "string", "prompt": "list<item: struct<role: string, content: string>>", "chosen": "string",
-        "rejected": "string", "tools": "string", "images": "int64", "source": "string", "error": "string"}
+        "rejected": "string", "tools": "string", "images": "int64", "media": "string", "source": "string",
+        "error": "string"}
 
 
 def test_parse_batch_is_picklable():

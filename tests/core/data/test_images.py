@@ -1,0 +1,87 @@
+"""Image rows: checked (missing, oversized, not an image) with the URI in the reason, read from S3, processed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.data import images
+from core.data.formats import parse_line
+from core.errors import DataError
+from tests.s3server import s3_server  # noqa: F401 - the fixture
+from tests.tiny_vlm import image_bytes, nova_image_row
+
+
+def record_of(row: dict, source: str = "pairs.jsonl:3") -> dict:
+    record, error = parse_line(json.dumps(row), source)
+    assert error is None, error
+    return record
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):  # noqa: F811
+    import s3fs
+
+    name = s3_server.make_bucket("raydpo-images")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url})
+    fs.pipe(f"{name}/img/ok.png", image_bytes(0))
+    fs.pipe(f"{name}/img/big.png", image_bytes(1, size=(300, 200)))
+    fs.pipe(f"{name}/img/text.png", b"not an image at all")
+    fs.pipe(f"{name}/img/cut.png", image_bytes(2)[:120])  # a header, then nothing: fails only when decoded
+    return name
+
+
+def test_image_uris_in_prompt_order():
+    record = record_of(nova_image_row(["s3://bkt/1.png", "s3://bkt/2.png"], "q", "a", "b"))
+    assert images.image_uris(record["media"]) == ["s3://bkt/1.png", "s3://bkt/2.png"]
+    assert images.image_uris(None) == []
+
+
+def test_a_text_model_refuses_image_rows():
+    record = record_of(nova_image_row(["s3://bkt/1.png"], "q", "a", "b"))
+    assert "text model" in images.row_image_problem(record, vision=False)
+    from core.data.tokenize import tokenize_record
+    from tests.tiny import build_tokenizer
+
+    with pytest.raises(DataError, match="pairs.jsonl:3: the row holds 1 image"):
+        tokenize_record(record, build_tokenizer(), max_length=128)
+
+
+def test_image_checks_name_the_uri_and_the_reason(bucket, monkeypatch):
+    good = record_of(nova_image_row([f"{bucket}/img/ok.png"], "q", "a", "b"))
+    assert images.row_image_problem(good, vision=True) is None
+    missing = images.row_image_problem(record_of(nova_image_row([f"{bucket}/img/ok.png", f"{bucket}/img/no.png"],
+                                                                "q", "a", "b")), vision=True)
+    assert f"image {bucket}/img/no.png cannot be read" in missing
+    not_image = images.row_image_problem(record_of(nova_image_row([f"{bucket}/img/text.png"], "q", "a", "b")),
+                                         vision=True)
+    assert f"image {bucket}/img/text.png is not a readable image" in not_image
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    big = images.row_image_problem(record_of(nova_image_row([f"{bucket}/img/big.png"], "q", "a", "b")), vision=True)
+    assert f"image {bucket}/img/big.png is 300x200 pixels" in big
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)
+    assert "MiB" in images.row_image_problem(good, vision=True)
+
+
+def test_check_images_stage_marks_only_good_image_rows(bucket):
+    rows = [record_of(nova_image_row([f"{bucket}/img/no.png"], "q", "a", "b"), "f:1"),
+            record_of(nova_image_row([f"{bucket}/img/ok.png"], "q", "a", "b"), "f:2")]
+    batch = {key: [r[key] for r in rows] + [None] for key in ("images", "media")}
+    batch["error"] = [None, None, "malformed JSON"]
+    out = images.check_images(batch, vision=True)
+    assert "no.png cannot be read" in out["error"][0] and out["error"][1] is None
+    assert out["error"][2] == "malformed JSON"
+
+
+def test_an_image_that_fails_to_decode_is_a_data_error_with_file_line_and_uri(bucket, tmp_path):
+    from tests.tiny_vlm import build_tiny_vlm_dir
+
+    processor = images.load_processor(str(build_tiny_vlm_dir(tmp_path / "vlm")))
+    record = record_of(nova_image_row([f"{bucket}/img/cut.png"], "q", "a", "b"), "s3://data/pairs.jsonl:7")
+    with pytest.raises(DataError, match=f"s3://data/pairs.jsonl:7: image {bucket}/img/cut.png cannot be decoded"):
+        images.vision_tokenize_record(record, processor, max_length=128)
+    ok = record_of(nova_image_row([f"{bucket}/img/ok.png"], "q", "a long answer " * 8, "b"))
+    row = images.vision_tokenize_record(ok, processor, max_length=60)  # image tokens are kept, answers are cut
+    assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == 60 and row["truncated"]
+    with pytest.raises(DataError, match="leaves no room for the answers"):
+        images.vision_tokenize_record(ok, processor, max_length=len(row["prompt_ids"]))

@@ -98,9 +98,19 @@ class LoraTuning:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """QLoRA: the frozen base loaded in 4 or 8 bit through bitsandbytes (core/quantization.py). A raydpo addition;
+    `quantization: 4bit` / `8bit` is short for `{bits: 4}` / `{bits: 8}`, PAI's load_in_4bit/load_in_8bit too."""
+    bits: int | None = None            # 4 | 8; null: the base in the training dtype (no quantization)
+    quant_type: str = "nf4"            # 4-bit data type: nf4 | fp4
+    double_quant: bool = True          # 4-bit: quantize the blocks' absmax constants too (~0.4 bit/param less)
+    compute_dtype: str = "auto"        # 4-bit matmuls: auto (the training dtype) | bf16 | fp16 | fp32
+
+
+@dataclass(frozen=True, kw_only=True)
 class Peft:
     peft_scheme: str | None = None
-    quantization: str | None = None
+    quantization: Quantization = field(default_factory=Quantization)
     lora_tuning: LoraTuning = field(default_factory=LoraTuning)
 
 

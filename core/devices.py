@@ -66,26 +66,25 @@ def use_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def quantization_problem(quantization: str | None, on_gpu: bool, bitsandbytes_installed: bool) -> str | None:
-    """Why this worker cannot load the base in 4/8 bit, None when it can (or nothing is asked). Decided on the worker,
-    with its own devices: a CPU head node drives GPU workers, so the driver's devices say nothing."""
-    if not quantization:
+def quantization_problem(bits: int | None, bitsandbytes_installed: bool) -> str | None:
+    """Why this worker cannot load the base in 4/8 bit, None when it can (or nothing is asked). Decided on the worker:
+    a CPU head node drives GPU workers, so the driver's devices and packages say nothing. bitsandbytes (0.49+) runs
+    4/8-bit layers on CPU too, so a CPU worker trains QLoRA as well."""
+    if not bits:
         return None
-    if not on_gpu:
-        return "this worker has no CUDA device, and bitsandbytes' 4/8-bit kernels run on CUDA only"
     if not bitsandbytes_installed:
         return "bitsandbytes is not installed on this worker"
     return None
 
 
-def require_quantization(quantization: str | None, on_gpu: bool) -> None:
+def require_quantization(bits: int | None) -> None:
     """A ConfigError on the worker when training_config.model.peft.quantization cannot be honoured here."""
     import importlib.util
 
     from core.errors import ConfigError
 
-    why = quantization_problem(quantization, on_gpu, importlib.util.find_spec("bitsandbytes") is not None)
+    why = quantization_problem(bits, importlib.util.find_spec("bitsandbytes") is not None)
     if why:
-        raise ConfigError(f"training_config.model.peft.quantization={quantization} cannot be loaded on this worker",
-                          why=why, fix="run on GPU workers with bitsandbytes installed (pip install bitsandbytes), "
-                                       "or set training_config.model.peft.quantization=null")
+        raise ConfigError(f"training_config.model.peft.quantization.bits={bits} cannot be loaded on this worker",
+                          why=why, fix="install bitsandbytes on the workers (pip install bitsandbytes; make setup "
+                                       "does), or set training_config.model.peft.quantization=null")

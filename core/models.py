@@ -210,5 +210,10 @@ def load_trained(model_dir: str, *, dtype=None, load_kwargs: dict | None = None)
 
         # the base goes through resolve_model_source too, so s3://, .gguf and the offline SmolLM2 bases load
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        from core import quantization
+
+        quant = quantization.run_quantization(path)  # QLoRA: the adapter goes on the quantized base it trained on
+        if quantization.quantized(quant):
+            load_kwargs = (load_kwargs or {}) | quantization.inference_kwargs(quant, quantization.precision_of(dtype))
         return PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, config_overrides=load_kwargs), str(path))
     return load_causal_lm(str(path), dtype=dtype, config_overrides=load_kwargs)

@@ -22,6 +22,7 @@ from launcher.recipe_schema import (
     REQUIRED_HELP,
     RULES,
     SCHEMA,
+    SHORTHANDS,
     Checkpoint,
     Data,
     DpoCfg,
@@ -61,6 +62,8 @@ SMOOTHING = "training_config.model.dpo_cfg.label_smoothing"
 REFERENCE = "training_config.model.dpo_cfg.reference"
 PEFT_SCHEME = "training_config.model.peft.peft_scheme"
 QUANT = "training_config.model.peft.quantization"
+BITS = QUANT + ".bits"
+ZERO_STAGE = "training_config.zero_stage"
 LORA_PREFIX = "training_config.model.peft.lora_tuning."
 
 
@@ -94,6 +97,7 @@ def load_recipe_with_explanation(
             raw, replicas, source_stem=Path(source).stem if isinstance(source, (str, Path)) else None)
         raw, explanation, origins = translation.nova, translation.explanation, translation.origins
         problems += translation.problems
+    raw = validation.expand_shorthands(TRAIN, raw)  # `quantization: 4bit`: its keys can be overridden one by one
     before = raw
     raw, sub = apply_overrides(raw, overrides, overrides_json, resolve=resolve_override_key)
     problems += sub
@@ -211,8 +215,8 @@ def check_lora_only(values: dict, given: set) -> list[Problem]:
         return []
     fix = "set training_config.model.peft.peft_scheme: lora, or remove it"
     problems = []
-    if values.get(QUANT) is not None:
-        problems.append((QUANT, f"{show(values[QUANT])} needs LoRA (quantized base weights are frozen; only an "
+    if values.get(BITS) is not None:
+        problems.append((QUANT, f"{values[BITS]}-bit needs LoRA (quantized base weights are frozen; only an "
                                 f"adapter trains) but peft_scheme is null; {fix}"))
     if values.get(REFERENCE) == "adapter_disabled":
         problems.append((REFERENCE, f"'adapter_disabled' needs a LoRA adapter but peft_scheme is null; {fix}, or "
@@ -222,6 +226,29 @@ def check_lora_only(values: dict, given: set) -> list[Problem]:
             what = "LoRA+ " if path.endswith("loraplus_lr_ratio") else ""
             problems.append((path, f"{what}{show(values[path])} is set but peft_scheme is null (full-rank), so it "
                                    f"would be ignored; {fix}"))
+    return problems
+
+
+def check_quantization(values: dict, given: set) -> list[Problem]:
+    """QLoRA's reference is its own quantized base with the adapters off; 8-bit cannot be partitioned by ZeRO-3
+    (core/quantization.py; the driver checks again with the workers it found: several GPUs on one replica)."""
+    from core.quantization import stage_problem
+
+    bits = values.get(BITS)
+    if bits is None:
+        return []
+    problems = []
+    if values.get(REFERENCE) in ("precompute", "engine"):
+        problems.append((REFERENCE, f"{show(values[REFERENCE])} would score the reference with a full-precision base "
+                                    f"while the policy trains on a {bits}-bit one; allowed with quantization: auto "
+                                    "or adapter_disabled (the quantized base with the adapters off)"))
+    if _have(values, REPLICAS, ZERO_STAGE):
+        stage = values[ZERO_STAGE] if values[ZERO_STAGE] is not None else (3 if values[REPLICAS] > 1 else 0)
+        why = stage_problem(bits, stage)
+        if why:
+            problems.append((BITS, f"8 with ZeRO-3 (run.replicas={values[REPLICAS]}, zero_stage="
+                                   f"{show(values[ZERO_STAGE])}): {why}; use bits: 4, or one worker with "
+                                   "zero_stage 0"))
     return problems
 
 
@@ -258,8 +285,9 @@ def check_validation_source(values: dict, given: set) -> list[Problem]:
 TRAIN = RecipeKind(
     what="recipe", root=Recipe, rules=RULES, required_help=REQUIRED_HELP,
     empty_means_null=frozenset(EMPTY_MEANS_NULL),
-    cross_checks=(check_min_lr, check_batch_split, check_lora_only, check_label_smoothing, check_prompt_length,
-                  check_validation_source),
+    cross_checks=(check_min_lr, check_batch_split, check_lora_only, check_quantization, check_label_smoothing,
+                  check_prompt_length, check_validation_source),
+    shorthands=SHORTHANDS,
     fix="fix each key listed; recipes/reference.yaml lists every key with its default and allowed values")
 
 

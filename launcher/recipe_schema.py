@@ -3,7 +3,8 @@
 The shape itself (one frozen dataclass per section, defaults of recipes/reference.yaml) is core/config.py, where
 training can import it. `RULES` maps a dotted path to the values it allows beyond its type; the type itself comes
 from the field's annotation. The engine that applies them is launcher/validation.py.
-`training_config.model.peft.quantization` is a raydpo addition that reference.yaml does not list yet.
+`training_config.model.peft.quantization` (QLoRA) is a raydpo addition that reference.yaml does not list; it may be
+written as one word (SHORTHANDS: `quantization: 4bit`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from core.config import (Checkpoint, Data, DpoCfg, LoraTuning, ModelCfg, Optim, 
                          TrainingConfig)
 from launcher.validation import RUN_NAME, FieldSpec, Rule, each, fields_of, int_range, interval, one_of
 from training.loss_rules import LABEL_SMOOTHING_MAX, LOSS_TYPES
+from core.quantization import SHORTHANDS as QUANT_SHORTHANDS
 from core.storage import check_uri
 
 
@@ -73,7 +75,9 @@ RULES: dict[str, Rule] = {
     "training_config.model.dpo_cfg.rpo_alpha": interval(0.0),
     "training_config.model.dpo_cfg.reference": one_of("auto", "precompute", "engine", "adapter_disabled"),
     "training_config.model.peft.peft_scheme": one_of("lora"),
-    "training_config.model.peft.quantization": one_of("4bit", "8bit"),
+    "training_config.model.peft.quantization.bits": Rule(lambda v: v in (4, 8), "4 or 8"),
+    "training_config.model.peft.quantization.quant_type": one_of("nf4", "fp4"),
+    "training_config.model.peft.quantization.compute_dtype": one_of("auto", "bf16", "fp16", "fp32"),
     "training_config.model.peft.lora_tuning.loraplus_lr_ratio": interval(0.0, 100.0),
     "training_config.model.peft.lora_tuning.alpha": int_range(1),
     "training_config.model.peft.lora_tuning.adapter_dim": int_range(1),
@@ -83,6 +87,9 @@ RULES: dict[str, Rule] = {
         '"all-linear" or a non-empty list of module names',
     ),
 }
+
+# sections that may be written as one word (launcher/validation.py RecipeKind.shorthands)
+SHORTHANDS = {"training_config.model.peft.quantization": QUANT_SHORTHANDS}
 
 # Required keys and what to put there; a required key given as "" counts as missing.
 REQUIRED_HELP = {

@@ -109,6 +109,8 @@ class RecipeKind:
     empty_means_null: frozenset[str]   # Nova's recipes write '' for unset optional keys: null
     cross_checks: tuple[CrossCheck, ...] = ()
     fix: str = ""
+    # a section that may be written as one word: {section path: {word: the section's keys}} (`quantization: 4bit`)
+    shorthands: dict[str, dict[str, dict]] = field(default_factory=dict)
     fields: dict[str, FieldSpec] = field(init=False)
 
     def __post_init__(self):
@@ -142,6 +144,22 @@ def validate(kind: RecipeKind, raw: Any) -> tuple[dict[str, Any], set[str], list
     return values, given, problems
 
 
+def expand_shorthands(kind: RecipeKind, raw: Any) -> Any:
+    """The raw tree with each one-word section written out (`quantization: 4bit` -> `quantization: {bits: 4}`), so
+    that an override of one of its keys (`quantization.quant_type=fp4`) lands in a section. A copy; raw is kept."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for path, words in kind.shorthands.items():
+        *parents, last = path.split(".")
+        node = raw
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(last), str) and node[last] in words:
+            node[last] = dict(words[node[last]])
+    return raw
+
+
 def raise_problems(kind: RecipeKind, label: str, problems: list[Problem], origins: dict[str, str] = {}) -> None:
     if problems:
         raise ConfigError(f"{label}: {len(problems)} problem(s) in the {kind.what}", fix=kind.fix,
@@ -165,8 +183,13 @@ def _check_section(kind: RecipeKind, prefix: str, node: Any, values: dict, given
     keys = kind.section_keys(prefix)
     if node is None:
         node = {}  # `peft:` with every child commented out
+    words = kind.shorthands.get(prefix, {})
+    if isinstance(node, str) and node in words:
+        node = words[node]
     if not isinstance(node, dict):
-        problems.append((prefix, f"{show(node)} is {kind_of(node)}; expected a section with keys: {', '.join(keys)}"))
+        short = f"; or one of {', '.join(words)}" if words else ""
+        problems.append((prefix, f"{show(node)} is {kind_of(node)}; expected a section with keys: {', '.join(keys)}"
+                                 f"{short}"))
         return
     for key, value in node.items():
         if key not in keys:

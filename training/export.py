@@ -30,6 +30,7 @@ class ExportResult:
     source: str
     target: str
     base: str | None = None
+    merged_from_quantized: str | None = None  # QLoRA: nf4 | fp4 | int8, the base the adapter was merged into
 
 
 def model_kind(model_dir: Path) -> str | None:
@@ -70,16 +71,29 @@ def base_model_source(model_dir: Path) -> str:
     return str(source)
 
 
-def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
-    """Loads base + adapter, merges, and saves a plain transformers folder at target."""
+def merge_adapter(model_dir: Path, target: Path, base_source: str) -> str | None:
+    """Loads base + adapter, merges, and saves a plain transformers folder at target. A QLoRA adapter (its run's
+    recipe.yaml names the quantization) is merged into the quantized base it trained on, dequantized first (bf16 on
+    a GPU, fp32 on CPU); config.json then says so ("merged_from_quantized": "nf4"). Returns that label, or None."""
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
+    from core import quantization
     from core.models import load_causal_lm, resolve_model_source
 
-    # the base's own dtype ("auto"): peft merges half-precision CPU weights in fp32 and rounds once
-    base = load_causal_lm(base_source, dtype="auto")
+    quant = quantization.run_quantization(model_dir)
+    if quantization.quantized(quant):
+        import torch
+
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+        base = load_causal_lm(base_source, dtype=getattr(torch, quantization.DTYPES[precision]),
+                              config_overrides=quantization.inference_kwargs(quant, precision)).dequantize()
+    else:  # the base's own dtype ("auto"): peft merges half-precision CPU weights in fp32 and rounds once
+        base = load_causal_lm(base_source, dtype="auto")
     merged = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+    merged_from = quantization.label(quant)
+    if merged_from:
+        merged.config.merged_from_quantized = merged_from  # kept in config.json, read back as a config attribute
     merged.save_pretrained(str(target))
     tokenizer_dir = model_dir if any(model_dir.glob("tokenizer*")) else Path(resolve_model_source(base_source))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(target))
@@ -91,6 +105,7 @@ def merge_adapter(model_dir: Path, target: Path, base_source: str) -> None:
         load_processor(str(tokenizer_dir)).save_pretrained(str(target))
     if not (target / "generation_config.json").exists():
         GenerationConfig.from_model_config(merged.config).save_pretrained(str(target))
+    return merged_from
 
 
 def _check_target(to: str, overwrite: bool, output: str) -> None:
@@ -143,11 +158,14 @@ def export_model(output: str, to: str, *, merge: bool, overwrite: bool = False,
         check_weight_files(model_dir)  # safetensors only: a pickled adapter_model.bin is refused, never loaded
         kind = model_kind(model_dir)
         staging = tmp_path / "export"
-        base = None
+        base, merged_from = None, None
         if kind == "adapter" and merge:
             base = base_model_source(model_dir)
             say(f"merging the LoRA adapter {model_dir} into its base {base}")
-            merge_adapter(model_dir, staging, base)
+            merged_from = merge_adapter(model_dir, staging, base)
+            if merged_from:
+                say(f"the run trained on a {merged_from}-quantized base: merged into that base dequantized "
+                    f"(config.json: merged_from_quantized={merged_from!r})")
             kind = "merged"
         else:
             if kind == "full" and merge:
@@ -166,4 +184,4 @@ def export_model(output: str, to: str, *, merge: bool, overwrite: bool = False,
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(staging, target, dirs_exist_ok=True)
     say(f"wrote {to}")
-    return ExportResult(kind=kind, source=str(output), target=str(to), base=base)
+    return ExportResult(kind=kind, source=str(output), target=str(to), base=base, merged_from_quantized=merged_from)

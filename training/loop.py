@@ -15,7 +15,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from core import devices
+from core import devices, quantization
 from core import vision
 from core.attention import attention_for_model, on_device
 from core.batch import REFERENCE_COLUMNS, collate_for, model_layout
@@ -46,7 +46,8 @@ def train_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     on_gpu = torch.cuda.is_available()
-    devices.require_quantization(model_cfg.peft.quantization, on_gpu)  # this worker's devices decide
+    quant = model_cfg.peft.quantization  # QLoRA: the frozen base in 4/8 bit (core/quantization.py)
+    devices.require_quantization(quant.bits)  # this worker's packages decide (bitsandbytes runs on CPU and GPU)
     device = torch.device("cuda", context.get_local_rank()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
@@ -77,7 +78,11 @@ def train_loop(config: dict) -> None:
     universal = plan.resume.universal if resume_uri and resume_uri == plan.resume.checkpoint else None
     engine_config["checkpoint"] = {"load_universal": universal is not None}
 
-    policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
+    base_kwargs = dropouts | quantization.load_kwargs(quant, precision, zero_stage=plan.zero_stage, device=device)
+    policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, base_kwargs)
+    if quantization.quantized(quant):  # the reference is this quantized base with the adapters off
+        policy = quantization.prepare_for_training(policy, gradient_checkpointing=tc.gradient_checkpointing,
+                                                   partitioned=plan.zero_stage == 3)
     vlm = vision.is_vision_config(model_config)  # a vision-language model (core/vision.py)
     if vlm and model_cfg.freeze_vision_tower:
         vision.freeze_vision_tower(policy)  # the projector and the language model train

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import LoraTuning
+from core.config import LoraTuning, Quantization
 
 GB = 1024**3
 RUNTIME_OVERHEAD_BYTES = 1.5 * GB  # CUDA context, NCCL and allocator buffers: measured ~1-2 GB on recent drivers
@@ -29,6 +29,9 @@ class ModelShape:
     hidden: int
     vocab: int
     adapter_params: int = 0  # trainable LoRA parameters (0 for full-rank)
+    quantized_params: int = 0  # QLoRA: base weights held in 4/8 bit (the linear layers but the output head)
+    quantized_bytes: float = 0.0  # bytes per such weight, scaling constants included (core/quantization.py)
+    quant_label: str | None = None  # nf4 | fp4 | int8
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,15 @@ def model_states_bytes(model: ModelShape, run: RunShape) -> float:
     return float(gpu_bytes) + frozen
 
 
+def base_weight_bytes(model: ModelShape, dtype_bytes: float) -> float:
+    """The base's weights whole: quantized weights at their packed size (QLoRA), every other one in the dtype."""
+    return model.quantized_params * model.quantized_bytes + (model.params - model.quantized_params) * dtype_bytes
+
+
 def frozen_base_bytes(model: ModelShape, run: RunShape) -> float:
-    """16-bit weights without gradients or optimizer states, partitioned over every GPU."""
-    return 2.0 * model.params / (run.gpus_per_node * run.nodes)
+    """16-bit weights (QLoRA: 4/8-bit where quantized) without gradients or optimizer states, partitioned over every
+    GPU."""
+    return base_weight_bytes(model, 2.0) / (run.gpus_per_node * run.nodes)
 
 
 def reference_bytes(model: ModelShape, run: RunShape) -> float:
@@ -94,8 +103,9 @@ def logprob_head_bytes(model: ModelShape, run: RunShape) -> float:
 def estimate(model: ModelShape, run: RunShape) -> list[tuple[str, float]]:
     """(what, bytes per GPU) lines, total last."""
     lines = [
-        ("model states (DeepSpeed ZeRO-3 estimator" + (", LoRA adapters + frozen base)" if model.adapter_params
-                                                       else ")"), model_states_bytes(model, run)),
+        ("model states (DeepSpeed ZeRO-3 estimator" + (", LoRA adapters + frozen base" if model.adapter_params
+                                                       else "")
+         + (f" in {model.quant_label})" if model.quant_label else ")"), model_states_bytes(model, run)),
         (f"reference ({run.reference})", reference_bytes(model, run)),
         (f"activations ({run.micro_batch_pairs} pairs x {run.max_length} tokens"
          + (", checkpointed)" if run.gradient_checkpointing else ")"), activation_bytes(model, run)),
@@ -114,7 +124,7 @@ def inference_stage(model: ModelShape, run: RunShape, gpu_memory_gb: float,
     runtime. tokens_per_forward: training/reference.TOKENS_PER_FORWARD."""
     from core.sharding import gpus_for_weights
 
-    weights = run.dtype_bytes * model.params
+    weights = base_weight_bytes(model, run.dtype_bytes)  # a QLoRA run's adapter is evaluated on its quantized base
     gpus = gpus_for_weights(weights, gpu_memory_gb * GB)
     activations = tokens_per_forward * 34 * model.hidden * run.dtype_bytes / 2
     logits = tokens_per_forward * model.vocab * run.dtype_bytes + run.logprob_chunk * model.vocab * 4
@@ -140,18 +150,27 @@ def advice(model: ModelShape, run: RunShape) -> list[str]:
     return tips
 
 
-def model_shape(config, adapter_params: int = 0) -> ModelShape:
+def model_shape(config, adapter_params: int = 0, quant: Quantization | None = None) -> ModelShape:
     """Counts from a transformers config, by building the model on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from core import quantization
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum({id(p): p.numel() for p in model.parameters()}.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    quantized = {}
+    if quant is not None and quantization.quantized(quant):
+        # what transformers' bitsandbytes integration converts: every nn.Linear but the output head
+        head = model.get_output_embeddings()
+        quantized = {"quantized_params": sum(m.weight.numel() for m in model.modules()
+                                             if isinstance(m, torch.nn.Linear) and m is not head),
+                     "quantized_bytes": quantization.bytes_per_param(quant), "quant_label": quantization.label(quant)}
     return ModelShape(params=params, largest_layer_params=largest, layers=text.num_hidden_layers,
-                      hidden=text.hidden_size, vocab=text.vocab_size, adapter_params=adapter_params)
+                      hidden=text.hidden_size, vocab=text.vocab_size, adapter_params=adapter_params, **quantized)
 
 
 def lora_params(config, lora: LoraTuning) -> int:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.config import Recipe, run_uri
+from core.quantization import require_stage
 from training import ds_config
 
 RAY_TRAIN_DIR = "ray_train"  # under the run's output: Ray Train's run state and checkpoints
@@ -85,10 +86,12 @@ def build_run_plan(recipe: Recipe, *, workers: int, use_gpu: bool, placement_str
     has_validation = validation_pairs >= workers * micro
     reference = tc.model.dpo_cfg.reference
     uri = run_uri(recipe)
+    stage = ds_config.zero_stage(workers, tc.zero_stage, resume.zero_stage)
+    require_stage(tc.model.peft.quantization.bits, stage)  # 8-bit cannot be partitioned: refused before any worker
     fields = dict(
         workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
         rank_pairs=ds_config.batch_split(tc.global_batch_size, workers),
-        micro_batch=micro, accum=accum, zero_stage=ds_config.zero_stage(workers, tc.zero_stage, resume.zero_stage),
+        micro_batch=micro, accum=accum, zero_stage=stage,
         train_pairs=train_pairs, validation_pairs=validation_pairs,
         total_steps=ds_config.total_steps(train_pairs, tc.global_batch_size, tc.trainer.max_epochs,
                                           tc.trainer.max_steps),

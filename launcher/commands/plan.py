@@ -45,7 +45,8 @@ def shapes(recipe: Recipe, gpus_per_node: int):
     tc = recipe.training_config
     config = load_config(recipe.run.model_name_or_path)
     lora = tc.model.peft.peft_scheme == "lora"
-    model = model_shape(config, lora_params(config, tc.model.peft.lora_tuning) if lora else 0)
+    model = model_shape(config, lora_params(config, tc.model.peft.lora_tuning) if lora else 0,
+                        quant=tc.model.peft.quantization)  # QLoRA: base weights at their 4/8-bit size
     # the same placement, batch split and reference choice as the run would make (pair counts do not matter here);
     # a split the GPUs cannot share is the ConfigError the run would raise
     placement = placement_for(recipe.run.replicas, gpus_per_node, nodes_known=recipe.run.replicas)
@@ -67,6 +68,8 @@ def report_lines(recipe: Recipe, model, run_shape, gpu_memory_gb: float) -> tupl
              f"= {gpus} ZeRO-3 worker(s), {gpu_memory_gb:g} GB each",
              f"model: {model.params / 1e6:.1f}M parameters (largest layer {model.largest_layer_params / 1e6:.1f}M), "
              + (f"LoRA adapters {model.adapter_params / 1e6:.2f}M" if model.adapter_params else "full-rank")
+             + (f" on a {model.quant_label} base ({model.quantized_params / 1e6:.1f}M weights at "
+                f"{model.quantized_bytes:.4g} bytes)" if model.quant_label else "")
              + f", {'bf16' if run_shape.dtype_bytes == 2 else 'fp32'}",
              "per GPU:"]
     rows = estimate(model, run_shape)

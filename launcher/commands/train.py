@@ -93,8 +93,8 @@ def check_model_knobs(recipe: Recipe) -> None:
     dropout_overrides(load_config(recipe.run.model_name_or_path),
                       {"hidden_dropout": model.hidden_dropout, "attention_dropout": model.attention_dropout,
                        "ffn_dropout": model.ffn_dropout})
-    # 4/8-bit needs CUDA on the workers, not here (a CPU head node drives GPU workers): the worker checks it
-    # (core/devices.require_quantization)
+    # QLoRA needs bitsandbytes on the workers, not here (a head node may lack it): each worker checks its own
+    # (core/devices.require_quantization); ZeRO-3 with 8 bit is refused by the run plan (training/plan.py)
 
 
 def local_log_file(recipe: Recipe) -> Path:

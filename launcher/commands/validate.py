@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.quantization import label
 from launcher import pai
 from launcher.recipe import Recipe, dump_recipe_yaml, load_recipe, read_recipe_source
 from launcher.recipe_args import add_recipe_arguments, parse_rest
@@ -48,8 +49,8 @@ def summary(recipe: Recipe) -> str:
     run, tc = recipe.run, recipe.training_config
     lora = tc.model.peft.lora_tuning
     mode = f"LoRA r={lora.adapter_dim} alpha={lora.alpha}" if tc.model.peft.peft_scheme == "lora" else "full-rank"
-    if tc.model.peft.quantization:
-        mode += f" on a {tc.model.peft.quantization}-quantized base"
+    if tc.model.peft.quantization.bits:
+        mode += f" on a {label(tc.model.peft.quantization)}-quantized base (QLoRA)"
     return (f"recipe OK: {run.name}, {run.replicas} replicas, global batch {tc.global_batch_size} "
             f"({tc.global_batch_size // run.replicas} pairs per replica per step), {mode}, "
             f"max_length {tc.max_length}, beta {tc.model.dpo_cfg.beta:g}")

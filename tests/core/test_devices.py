@@ -34,23 +34,24 @@ def test_usable_cores_is_the_affinity_capped_by_the_quota(tmp_path):
     assert devices.cpu_threads(devices.usable_cores(96, str(cpu_max), missing), 2) == 4
 
 
-def test_quantization_is_decided_by_the_workers_devices():
-    assert devices.quantization_problem(None, on_gpu=False, bitsandbytes_installed=False) is None
-    assert "no CUDA device" in devices.quantization_problem("4bit", on_gpu=False, bitsandbytes_installed=True)
-    assert "bitsandbytes is not installed" in devices.quantization_problem("8bit", on_gpu=True,
-                                                                           bitsandbytes_installed=False)
-    assert devices.quantization_problem("4bit", on_gpu=True, bitsandbytes_installed=True) is None
+def test_quantization_is_decided_by_the_workers_packages_not_its_devices():
+    assert devices.quantization_problem(None, bitsandbytes_installed=False) is None
+    assert "bitsandbytes is not installed" in devices.quantization_problem(8, bitsandbytes_installed=False)
+    assert devices.quantization_problem(4, bitsandbytes_installed=True) is None  # CPU or GPU: bitsandbytes runs both
 
 
-def test_a_worker_that_cannot_quantize_says_so_with_the_recipe_key():
+def test_a_worker_that_cannot_quantize_says_so_with_the_recipe_key(monkeypatch):
+    import importlib.util
+
     import pytest
 
     from core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"training_config.model.peft.quantization=4bit cannot be loaded") as err:
-        devices.require_quantization("4bit", on_gpu=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"training_config.model.peft.quantization.bits=4 cannot be loaded") as err:
+        devices.require_quantization(4)
     assert "quantization=null" in str(err.value.fix)
-    devices.require_quantization(None, on_gpu=False)  # nothing asked: nothing to check
+    devices.require_quantization(None)  # nothing asked: nothing to check
 
 
 def test_the_driver_no_longer_refuses_quantization_from_its_own_devices(tiny_model_dir):

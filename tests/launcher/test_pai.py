@@ -117,7 +117,7 @@ def test_load_recipe_from_a_pai_file(tmp_path):
     assert recipe.run.data_s3_path == str(tmp_path / "data" / "train.jsonl")
     assert (tc.global_batch_size, tc.micro_batch_size, recipe.run.replicas) == (24, 2, 3)
     assert tc.model.optim.lr == 5e-5 and tc.model.optim.sched.min_lr == 0.0
-    assert (tc.model.peft.peft_scheme, tc.model.peft.quantization) == ("lora", "4bit")
+    assert (tc.model.peft.peft_scheme, tc.model.peft.quantization.bits) == ("lora", 4)
     assert (tc.model.peft.lora_tuning.adapter_dim, tc.model.peft.lora_tuning.alpha) == (32, 64)
     assert tc.data.system_prompt == "You are a helpful assistant"
     assert tc.trainer.max_epochs == 2 and tc.max_length == 2048
@@ -143,7 +143,7 @@ def test_lora_alpha_without_lora_is_reported_with_its_pai_key():
 
 def test_quantization_without_lora():
     (problem,) = problems_of(pai(lora_dim=0, lora_alpha=..., load_in_4bit=True))
-    assert problem.startswith("training_config.model.peft.quantization (from pai.load_in_4bit): '4bit' needs LoRA")
+    assert problem.startswith("training_config.model.peft.quantization (from pai.load_in_4bit): 4-bit needs LoRA")
 
 
 def test_apply_chat_template_false_explains_why():

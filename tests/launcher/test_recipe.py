@@ -149,12 +149,16 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
 # ---- reference.yaml and Nova recipes ----
 
 
+# QLoRA's section (a raydpo addition), off
+NO_QUANTIZATION = {"bits": None, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}
+
+
 def test_reference_yaml_loads_with_every_value_as_written(tmp_path):
     recipe = load_recipe(REFERENCE, base_dir=tmp_path)
     expected = yaml.safe_load(REFERENCE.read_text())
     expected["run"]["data_s3_path"] = str(tmp_path / "data" / "train.jsonl")
     expected["run"]["output_s3_path"] = str(tmp_path / "outputs")
-    expected["training_config"]["model"]["peft"]["quantization"] = None  # the one key raydpo adds
+    expected["training_config"]["model"]["peft"]["quantization"] = NO_QUANTIZATION  # the one key raydpo adds
     assert recipe_to_dict(recipe) == expected
 
 
@@ -162,7 +166,7 @@ def test_dataclass_defaults_are_those_of_reference_yaml():
     """A recipe with only the required keys gets reference.yaml's value for every other key."""
     reference = yaml.safe_load(REFERENCE.read_text())
     got = recipe_to_dict(load_recipe(minimal()))
-    reference["training_config"]["model"]["peft"]["quantization"] = None
+    reference["training_config"]["model"]["peft"]["quantization"] = NO_QUANTIZATION
     assert got["training_config"] == reference["training_config"]
     for key in ("model_type", "replicas", "validation_data_s3_path", "mlflow_tracking_uri"):
         assert got["run"][key] == reference["run"][key]
@@ -236,7 +240,8 @@ RANGE_CASES = [
     ("training_config.model.dpo_cfg.loss_type", "kto", "sigmoid, ipo, hinge, robust, sigmoid_norm"),
     ("training_config.model.dpo_cfg.reference", "frozen", "auto, precompute, engine, adapter_disabled"),
     ("training_config.model.peft.peft_scheme", "qlora", "one of lora (or null)"),
-    ("training_config.model.peft.quantization", "2bit", "one of 4bit, 8bit (or null)"),
+    ("training_config.model.peft.quantization.bits", 2, "4 or 8 (or null)"),
+    ("training_config.model.peft.quantization.quant_type", "int4", "one of nf4, fp4"),
     ("training_config.model.optim.name", "sgd", "distributed_fused_adam, adamw"),
     ("training_config.precision", "fp16", "auto, bf16, fp32"),
     ("training_config.data.format", "csv", "auto, nova, trl, hh, sharegpt, openai, nemo, when2call"),
@@ -441,7 +446,7 @@ def test_same_lora_settings_pass_with_lora():
                   training_config__model__peft__quantization="8bit",
                   training_config__model__dpo_cfg__reference="adapter_disabled")
     peft = load_recipe(raw).training_config.model.peft
-    assert (peft.peft_scheme, peft.quantization, peft.lora_tuning.loraplus_lr_ratio) == ("lora", "8bit", 16.0)
+    assert (peft.peft_scheme, peft.quantization.bits, peft.lora_tuning.loraplus_lr_ratio) == ("lora", 8, 16.0)
 
 
 def test_lora_defaults_written_out_with_full_rank_are_fine():

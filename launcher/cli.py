@@ -15,6 +15,8 @@ from core.errors import RaydpoError
 COMMANDS = {
     "validate": ("launcher.commands.validate", "check a recipe (and overrides) and print the resolved recipe"),
     "train": ("launcher.commands.train", "run a DPO recipe on Ray Train"),
+    "up": ("launcher.commands.up", "start a warm local Ray cluster that `raydpo train` reuses"),
+    "down": ("launcher.commands.down", "stop the warm local Ray cluster `raydpo up` started"),
     "data": ("launcher.commands.data", "validate or convert preference data"),
     "eval": ("launcher.commands.eval", "evaluate base and tuned models with an evaluation recipe"),
     "score": ("launcher.commands.score", "compute gen_qa metrics on a JSONL of predictions"),

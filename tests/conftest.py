@@ -9,6 +9,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # `make test` leaves these out and `make test-faults` runs them; .ci/run runs both
+    config.addinivalue_line("markers", "faults: a slow fault-injection test (a killed worker or driver, storage cut "
+                                       "off, Ctrl-C or SIGTERM on a cluster)")
+
+
 def shared_dir() -> Path:
     return Path(os.environ.get("RAYDPO_SHARED", ROOT.parent / "shared")).resolve()
 
@@ -27,3 +33,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.tiny import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One `ray start --head` cluster shared by the slow tests that can share it (tests/cluster/headnode.py: free
+    ports, a token of its own, stopped through its own processes only, SHARED_CPUS logical CPUs), started at the
+    first test that asks for it and stopped when the session ends.
+
+    How a test opts in: take this fixture and run the command with `env=ray_cluster.driver_env()` (RAY_ADDRESS and
+    the token set): `raydpo train` then connects to it (cluster/session.py) instead of starting and stopping a
+    local cluster of its own. Not for tests that kill Ray processes, check how a cluster is started or stopped, or
+    need an environment variable in the workers: the workers get the head's environment, as it was when it started.
+    """
+    from tests.cluster.headnode import SHARED_CPUS, port_open, start_head, stop_head
+
+    head = start_head(num_cpus=SHARED_CPUS)
+    yield head
+    stop_head(head)
+    assert not port_open("127.0.0.1", head.gcs_port) and head.processes() == [], "the shared head was not stopped"

@@ -23,6 +23,9 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+# Logical CPUs of the head that tests share (conftest.py ray_cluster): 2 training replicas + the 2 CPUs `raydpo
+# train` keeps for Ray Data (launcher/commands/train.py DATA_CPUS), what a local cluster for 2 replicas gets here.
+SHARED_CPUS = 4
 ROOT_OF_REPO = Path(__file__).resolve().parents[2]
 
 
@@ -64,10 +67,15 @@ class Head:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def client_env(self, **extra: str) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+        env = user_env()
         env.update(self.env, **extra)
         env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
         return env
+
+    def driver_env(self, **extra: str) -> dict:
+        """A `raydpo train` (or any driver) subprocess's environment: RAY_ADDRESS and the token set, so it runs on
+        this head instead of starting a local cluster."""
+        return self.client_env(RAY_ADDRESS=self.gcs_address, PYTHONUNBUFFERED="1", **extra)
 
     def processes(self) -> list[psutil.Process]:
         """Live processes whose command line names this head's temp dir (raylet, GCS, dashboard, workers)."""
@@ -81,6 +89,16 @@ class Head:
         return mine
 
 
+# What an in-process DeepSpeed test may leave in os.environ, and what points a process at another cluster: a user's
+# shell has none of them, and a head started with them would hand them to every worker.
+NOT_INHERITED = ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+def user_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+
+
 def start_head(num_cpus: int = 2) -> Head:
     temp_dir = Path(tempfile.mkdtemp(prefix="rdpo-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     gcs, dashboard, client, agent, metrics, runtime_env = free_ports(6)
@@ -91,7 +109,7 @@ def start_head(num_cpus: int = 2) -> Head:
                f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
                f"--runtime-env-agent-port={runtime_env}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    base = user_env()
     base["PATH"] = f"{BIN}:{base.get('PATH', '')}"  # as after `source .venv/bin/activate`: jobs find this python
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**base, **env},

@@ -14,9 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.cluster.headnode import BIN, ROOT_OF_REPO, port_open, start_head, stop_head
-
-HEAD_CPUS = 4  # 2 training replicas + the 2 CPUs `raydpo train` keeps for Ray Data (launcher/commands/train.py)
+from tests.cluster.headnode import BIN, ROOT_OF_REPO, SHARED_CPUS as HEAD_CPUS
 
 JOB = textwrap.dedent("""
     import json, tempfile
@@ -30,11 +28,9 @@ JOB = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def head():
-    head = start_head(num_cpus=HEAD_CPUS)
-    yield head
-    stop_head(head)
-    assert not port_open("127.0.0.1", head.gcs_port) and head.processes() == [], "the head was not stopped"
+def head(ray_cluster):
+    """The tests' shared head (conftest.py); that it is stopped, port and processes, is checked when it stops."""
+    return ray_cluster
 
 
 def submit(head, *entrypoint: str, token: str | None = None) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.session import (check_resources, cluster_address_from_env, local_cpus, probe, ray_session,
                              split_host_port)
-from tests.cluster.headnode import free_ports, port_open, start_head, stop_head
+from tests.cluster.headnode import SHARED_CPUS, free_ports, port_open
 from core.errors import ClusterError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -83,7 +83,8 @@ class Boom(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["normal", "error", "ctrl-c"])
+@pytest.mark.parametrize("ending", ["normal", pytest.param("error", marks=pytest.mark.faults),
+                                    pytest.param("ctrl-c", marks=pytest.mark.faults)])
 def test_local_cluster_is_stopped_on_every_way_out(ending, tmp_path, monkeypatch, capfd):
     import ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -129,6 +130,7 @@ KILLED = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_local_cluster_is_stopped_when_the_process_gets_sigterm(tmp_path):
     # In a process of its own, as `kill` would hit `raydpo train`: Ray's driver turns SIGTERM into SystemExit, and
     # Ray's core aborts the process later on its way out, which must not take pytest with it.
@@ -161,28 +163,23 @@ INSIDE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_inside_a_cluster_it_connects_and_leaves_the_cluster_running(tmp_path):
-    head = start_head(num_cpus=2)
-    try:
-        run = subprocess.run([sys.executable, "-c", INSIDE, str(tmp_path / "ray.log")], cwd=ROOT,
-                             env=head.client_env(RAY_ADDRESS=head.gcs_address), capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        info = json.loads(run.stdout.strip().splitlines()[-1])
-        assert info["started_here"] is False and info["address"] == head.gcs_address
-        assert info["resources"]["CPU"] == 2.0
-        assert head.process.poll() is None and port_open("127.0.0.1", head.gcs_port)  # left alone
+def test_inside_a_cluster_it_connects_and_leaves_the_cluster_running(tmp_path, ray_cluster):
+    # the tests' shared head (conftest.py), whose stop (port closed, no process left) is checked when it stops
+    head = ray_cluster
+    run = subprocess.run([sys.executable, "-c", INSIDE, str(tmp_path / "ray.log")], cwd=ROOT,
+                         env=head.driver_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["started_here"] is False and info["address"] == head.gcs_address
+    assert info["resources"]["CPU"] == SHARED_CPUS
+    assert head.process.poll() is None and port_open("127.0.0.1", head.gcs_port)  # left alone
 
-        # The same cluster without its token: a clear cluster error, not a hang
-        env = head.client_env(RAY_ADDRESS=head.gcs_address, RAY_AUTH_TOKEN="not-the-token")
-        run = subprocess.run([sys.executable, "-c", INSIDE, str(tmp_path / "ray2.log")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode != 0
-        assert "cluster error: could not connect to the Ray cluster" in run.stderr, run.stderr[-3000:]
-    finally:
-        stop_head(head)
-    assert not port_open("127.0.0.1", head.gcs_port)
-    assert head.processes() == []
+    # The same cluster without its token: a clear cluster error, not a hang
+    env = head.driver_env(RAY_AUTH_TOKEN="not-the-token")
+    run = subprocess.run([sys.executable, "-c", INSIDE, str(tmp_path / "ray2.log")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "cluster error: could not connect to the Ray cluster" in run.stderr, run.stderr[-3000:]
 
 
 def listening_addresses(pids: set[int]) -> set[str]:

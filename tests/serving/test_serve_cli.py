@@ -27,6 +27,7 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
 
 
+@pytest.mark.faults
 def test_ctrl_c_stops_the_server_and_its_ray_cluster(tiny_model_dir, tmp_path):
     port = free_port()
     server = subprocess.Popen([RAYDPO, "serve", str(tiny_model_dir), "--port", str(port)], env=clean_env(),

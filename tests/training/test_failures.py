@@ -67,6 +67,7 @@ def test_raydpos_own_errors_pass_through_and_the_command_is_the_one_run(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_run_out_of_restarts_ends_in_a_cluster_error_without_a_traceback(workspace):  # noqa: F811
     from tests.training.test_resume import (EVERY, Run, checkpoint_step, fresh_name, held, trace_lines,
                                             write_recipe)

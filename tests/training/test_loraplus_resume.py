@@ -16,7 +16,7 @@ from tests.training.test_resume import (EVERY, RAYDPO, STEPS, Run, checkpoint_st
 from training import checkpoint as ckpt
 from training import ds_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # a worker kill: `make test-faults`
 RATIO, LR, MIN_LR, WARMUP = 16.0, 5.0e-3, 1.0e-5, 1
 
 

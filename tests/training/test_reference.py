@@ -170,9 +170,8 @@ def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_
 
 
 @pytest.mark.slow
-def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_model_dir, tmp_path):
+def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_model_dir, tmp_path, ray_cluster):
     """Two full-rank runs, same seed and so the same batches: a live reference engine, then precompute."""
-    import os
     import subprocess
     import sys
 
@@ -191,9 +190,8 @@ def test_training_with_precomputed_or_live_reference_gives_the_same_losses(tiny_
                                            "dpo_cfg": {"reference": reference}}}}
         path = tmp_path / f"{reference}.yaml"
         path.write_text(yaml.safe_dump(r))
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(path)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=1500)
+        proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(path)], cwd=ROOT,
+                              env=ray_cluster.driver_env(), capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / "out" / f"ref-{reference}" / "metrics.jsonl").open()]
         losses[reference] = [(row["step"], row["loss"], row["rewards/margins"]) for row in rows

@@ -24,7 +24,7 @@ from tests.s3server import s3_server  # noqa: F401
 from training import checkpoint as ckpt
 from core import storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]  # `make test-faults`
 
 RAYDPO = str(Path(sys.executable).parent / "raydpo")
 PAIRS, BATCH, EVERY = 64, 8, 2

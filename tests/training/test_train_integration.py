@@ -1,8 +1,8 @@
-"""`raydpo train` end to end on a tiny model: 2 ZeRO-3 workers on a local Ray cluster, full-rank and LoRA."""
+"""`raydpo train` end to end on a tiny model: 2 ZeRO-3 workers on the tests' shared Ray cluster, full-rank and LoRA.
+(Starting a local cluster per run is tested by tests/cluster/test_session.py and the other training tests.)"""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,14 +39,11 @@ def write_recipe(tmp: Path, model_dir: Path, data_dir: Path, *, name: str, lora:
     return path
 
 
-def run_train(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # a user's shell: no Ray address, and none of what an in-process DeepSpeed test may have left in os.environ
-    for key in ("RAY_ADDRESS", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "CROSS_RANK", "CROSS_SIZE"):
-        env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(recipe), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
+def run_train(head, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    # on the tests' shared head (conftest.py ray_cluster), from a user's shell: none of what an in-process DeepSpeed
+    # test may have left in os.environ (headnode.user_env)
+    return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(recipe), *extra], cwd=ROOT,
+                          env=head.driver_env(), capture_output=True, text=True, timeout=1200)
 
 
 def probe_logps(model, probe: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,11 +99,12 @@ def check_common_outputs(run_dir: Path, proc: subprocess.CompletedProcess, log_e
     return train
 
 
-def test_full_rank_zero3_run_changes_weights_and_reloads(workspace):
+def test_full_rank_zero3_run_changes_weights_and_reloads(workspace, ray_cluster):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp, model_dir, data_dir = workspace
-    proc = run_train(write_recipe(tmp, model_dir, data_dir, name="full", lora=False), "--replicas", "2")
+    recipe = write_recipe(tmp, model_dir, data_dir, name="full", lora=False)
+    proc = run_train(ray_cluster, recipe, "--replicas", "2")
     run_dir = tmp / "out" / "full"
     check_common_outputs(run_dir, proc)
 
@@ -122,13 +120,13 @@ def test_full_rank_zero3_run_changes_weights_and_reloads(workspace):
     torch.testing.assert_close(rejected, torch.tensor(probe["logps"]["rejected"]), atol=1e-3, rtol=1e-4)
 
 
-def test_lora_run_keeps_base_and_reloads_with_peft(workspace):
+def test_lora_run_keeps_base_and_reloads_with_peft(workspace, ray_cluster):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp, model_dir, data_dir = workspace
-    proc = run_train(write_recipe(tmp, model_dir, data_dir, name="lora", lora=True), "--replicas", "2",
-                     "trainer.log_every_n_steps=2")
+    recipe = write_recipe(tmp, model_dir, data_dir, name="lora", lora=True)
+    proc = run_train(ray_cluster, recipe, "--replicas", "2", "trainer.log_every_n_steps=2")
     run_dir = tmp / "out" / "lora"
     check_common_outputs(run_dir, proc, log_every=2)
     assert (run_dir / "model" / "adapter_config.json").exists()

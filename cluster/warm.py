@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.session import path_with_environment_first
 from core.errors import ClusterError
 
 STATE_ENV = "RAYDPO_WARM_STATE"  # where the state file lives; default ~/.cache/raydpo/warm-cluster.json
@@ -92,7 +93,9 @@ def up(num_cpus: int, num_gpus: int | None, path: Path) -> tuple[dict, bool]:
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
     # loopback only (cluster/session.py RAY_CLUSTER_SWITCH) and token authentication with this cluster's token
-    env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env |= {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+            # the workers find this environment's tools first (cluster/session.py environment_first_on_path)
+            "PATH": path_with_environment_first(env.get("PATH", ""), str(Path(sys.executable).parent))}
     log = Path(temp_dir) / "head.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(head_command(ray_bin, ports, num_cpus, num_gpus, temp_dir), stdout=out,

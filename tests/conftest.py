@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    # The tests run as after `source .venv/bin/activate` (the Makefile calls .venv/bin/pytest without it), like the
+    # Ray heads they start (tests/cluster/headnode.py): DeepSpeed's in-process tests and the clusters' workers then
+    # build its CPU op with the same ninja (cluster/session.py environment_first_on_path says why that matters).
+    from cluster.session import path_with_environment_first
+
+    os.environ["PATH"] = path_with_environment_first(os.environ.get("PATH", ""), str(Path(sys.executable).parent))
     # `make test` leaves these out and `make test-faults` runs them; .ci/run runs both
     config.addinivalue_line("markers", "faults: a slow fault-injection test (a killed worker or driver, storage cut "
                                        "off, Ctrl-C or SIGTERM on a cluster)")

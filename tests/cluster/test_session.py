@@ -205,3 +205,11 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path, monkeypatch):
         addresses = listening_addresses(pids)
     assert addresses and addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, addresses
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # put back after the session
+
+
+def test_path_puts_the_environment_first_once():
+    from cluster.session import path_with_environment_first
+
+    assert path_with_environment_first("/usr/bin:/bin", "/v/bin") == "/v/bin:/usr/bin:/bin"
+    assert path_with_environment_first("/usr/bin:/v/bin:/bin", "/v/bin") == "/v/bin:/usr/bin:/bin"
+    assert path_with_environment_first("", "/v/bin") == "/v/bin"

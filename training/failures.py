@@ -16,8 +16,10 @@ from pathlib import Path
 
 from core.errors import ClusterError, RaydpoError
 
-NODE = re.compile(r"\bip=([0-9a-fA-F.:]+)")
-PID = re.compile(r"\bpid=(\d+)")
+# Ray writes a worker's node and process three ways: "(pid=4242, ip=10.0.0.7)" in task errors, "node_ip='10.0.0.7'"
+# and "pid=4242" in Ray Train's worker info, "\tip: 10.0.0.7" and "\tpid: 4242" in ActorDiedError's text
+NODE = re.compile(r"(?:\bnode_ip|\bip)(?:=|: )'?([0-9a-fA-F.:]*[0-9a-fA-F])")
+PID = re.compile(r"\bpid(?:=|: )(\d+)")
 # lines of a traceback or of Ray's wrapping, never the worker's own error line
 NOISE = re.compile(r"^(Traceback |  File |    |\s*\^+\s*$|The above exception|During handling|ray\.\S+Error: |"
                    r"\S*RayTaskError|\(\w+ pid=)")

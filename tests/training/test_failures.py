@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import sys
 
@@ -38,6 +39,27 @@ def test_failed_workers_name_rank_node_and_pid():
                                              "error": "ValueError: zip() argument 2 is longer than argument 1"}]
     assert failures.failed_workers(ConnectionError("GCS unreachable"))[0] == {
         "rank": None, "node": None, "pid": None, "error": "GCS unreachable"}
+
+
+# What Ray Train 2.60 holds for a worker process that was killed (worker_group.py's health check: the worker's
+# repr, then ActorDiedError's text): the node and pid in two other spellings than a task error's "ip=", "pid="
+KILLED_TEXT = ("A worker health check failed.\nWorker info: Worker(\n  actor=Actor(RayTrainWorker, 3f2a),\n"
+               "  metadata=ActorMetadata(\n    hostname='box',\n    node_id='8d1c',\n    node_ip='127.0.0.1',\n"
+               "    pid=5151,\n  ),\n  distributed_context=None,\n  log_file_path=None,\n)\n"
+               "The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n"
+               "\tactor_id: 3f2a\n\tpid: 5151\n\tnamespace: ns\n\tip: 127.0.0.1\n"
+               "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+               "detail: Worker unexpectedly exits with a connection error code 2. End of file.")
+
+
+def test_a_killed_workers_node_pid_and_reason_are_found_in_ray_trains_text():
+    err = WorkerGroupError("Training failed due to worker errors", {1: RuntimeError(KILLED_TEXT)})
+    (found,) = failures.failed_workers(err)
+    assert (found["rank"], found["node"], found["pid"]) == (1, "127.0.0.1", "5151")
+    assert found["error"].startswith("The actor is dead because its worker process has died.")
+    actor_died = "The actor died unexpectedly.\n\tpid: 77\n\tip: 10.1.2.3\nThe actor is dead: node lost."
+    assert failures.failed_workers(ConnectionError(actor_died))[0] == {
+        "rank": None, "node": "10.1.2.3", "pid": "77", "error": "The actor is dead: node lost."}
 
 
 def test_the_cluster_error_says_what_failed_where_to_resume_and_where_the_log_is(monkeypatch):
@@ -83,7 +105,7 @@ def test_a_run_out_of_restarts_ends_in_a_cluster_error_without_a_traceback(works
     out = run.finish()
     assert run.proc.returncode == 3, out[-3000:]
     assert "cluster error: training stopped" in out and "max_failures=0" in out
-    assert "rank 1" in out
+    assert re.search(r"rank 1 on node [\d.]+ \(pid \d+\): \S", out), out[-3000:]  # rank, node, pid, its error
     assert f"{output}/{name}/ray_train/checkpoint_" in out and "step 2)" in out
     assert f"resume: raydpo train {recipe} (goes on from" in out  # the command Run started
     assert f"{output}/{name}/logs/ray.log" in out

@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from core import storage
 from core.config import saved_recipe
 from core.errors import ConfigError
-from core.models import check_weight_files
+from core.models import check_weight_files, download_model, resolved_location
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -82,9 +83,6 @@ def local_model_dir(argument: str) -> Path | None:
 
 
 def _download_run(uri: str) -> Path:
-    from core import storage
-    from core.models import download_model
-
     model_uri = f"{uri}/model" if storage.exists(f"{uri}/model") else uri
     if not storage.exists(model_uri):
         raise ConfigError(f"{uri} does not exist", fix="pass a run's output URI (<output_s3_path>/<run.name>)")
@@ -103,8 +101,6 @@ def _download_run(uri: str) -> Path:
 
 def plan_groups(arguments: list[str]) -> list[ModelGroup]:
     """The base groups to serve, in the order first named; ConfigError when two models would share a name."""
-    from core.models import resolved_location
-
     groups: dict[str, dict] = {}  # resolved base location -> {"name", "source", "adapters"}
     for argument in arguments:
         model_dir = local_model_dir(argument)

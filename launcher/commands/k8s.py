@@ -12,9 +12,15 @@ import argparse
 import shlex
 from pathlib import Path
 
-from launcher.commands.launch import local_path_problems
-from launcher.recipe_args import add_recipe_arguments, load_from_args
+import yaml
+
+from cluster import kuberay
+from cluster.k8s_checks import CRD_FILES, manifest_problems, operator_problems
 from core.errors import ConfigError
+from core.tracking import redact
+from launcher.commands.k8s_serve import render_service
+from launcher.commands.launch import local_path_problems
+from launcher.recipe_args import add_recipe_arguments, load_from_args, parse_rest
 
 DEFAULT_IMAGE = "raydpo:0.1.0-gpu"  # what the Dockerfile builds by default; push it where your cluster pulls from
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[2].parent / "shared" / "k8s-schemas" / "kuberay-v1.7.0"
@@ -67,13 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from cluster import kuberay
-    from cluster.k8s_checks import operator_problems
-    from launcher.recipe_args import parse_rest
-
     if parse_rest(args).kind == "rayservice":  # RECIPE and the rest are runs to serve (launcher/commands/k8s_serve.py)
-        from launcher.commands.k8s_serve import render_service
-
         return render_service(parse_rest(args), options_from_args=options_from_args, render_command=render_command)
     recipe, args = load_from_args(args)
     check_pod_paths(recipe.run)
@@ -101,8 +101,6 @@ def run_render(args: argparse.Namespace) -> int:
 def render_command(args: argparse.Namespace) -> str:
     """The command line that renders this again (output file left out), with a URI's password shown as ***: the
     header is read by whoever reads the manifests."""
-    from core.tracking import redact
-
     words = ["raydpo", "k8s", "render", str(args.recipe), *(args.overrides or [])]
     for option in ("overrides_json", "replicas", "kind", "image", "name", "namespace", "gpus_per_worker",
                    "worker_cpus", "worker_memory", "secret", "token_secret", "service_account", "submission_mode", "deadline_hours",
@@ -115,8 +113,6 @@ def render_command(args: argparse.Namespace) -> str:
 
 def options_from_args(args: argparse.Namespace, *, name: str, replicas: int):
     """The rendering options: the run's name and replica count (the recipe's, after --replicas) and the flags."""
-    from cluster import kuberay
-
     image = args.image or DEFAULT_IMAGE
     gpu = kuberay.is_gpu_image(image)
     gpus = args.gpus_per_worker if args.gpus_per_worker is not None else int(gpu)
@@ -147,10 +143,6 @@ def check_pod_paths(run) -> None:
 
 
 def run_check(files: list[Path], schemas: Path) -> int:
-    import yaml
-
-    from cluster.k8s_checks import CRD_FILES, manifest_problems
-
     if not all((schemas / f).is_file() for f in CRD_FILES.values()):
         raise ConfigError(f"KubeRay CRD schemas not found in {schemas}",
                           fix="pass --schemas with the folder holding ray.io_rayjobs.yaml and ray.io_rayclusters.yaml "

@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import re
 
+from cluster import kuberay
+from cluster.k8s_checks import operator_problems
+from cluster.rayservice import render_rayservice
+from core.errors import ConfigError
+from serving.sources import model_name
+
 
 def service_name(runs: list[str]) -> str:
-    from serving.sources import model_name
-
     name = re.sub(r"[^a-z0-9-]+", "-", model_name(runs[0]).lower()).strip("-") or "raydpo"
     if not name[0].isalpha():
         name = "serve-" + name
@@ -21,11 +25,6 @@ def service_name(runs: list[str]) -> str:
 
 def render_service(args: argparse.Namespace, *, options_from_args, render_command) -> int:
     """options_from_args and render_command are k8s.py's, passed in so the two modules do not import each other."""
-    from cluster import kuberay
-    from cluster.k8s_checks import operator_problems
-    from cluster.rayservice import render_rayservice
-    from core.errors import ConfigError
-
     runs = [str(args.recipe), *(args.overrides or [])]
     local = [r for r in runs if r.startswith(("/", "./", "../")) or (not r.startswith("s3://") and "/" in r
                                                                        and __import__("os").path.exists(r))]

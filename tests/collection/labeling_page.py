@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import requests
@@ -45,6 +46,17 @@ def screenshot_task(url: str, project: int, task: dict, out: Path, *, email: str
         browser.wait_for(" && ".join(f"document.body.innerText.replace(/\\s+/g, ' ').includes({json.dumps(w)})"
                                      for w in wanted), timeout=120)
         browser.wait_for("document.body.innerText.includes('Which answer is better')", timeout=30)
+        # settled: the task list has loaded beside the task, the submit button is live, and the text stays put
+        browser.wait_for("!document.body.innerText.includes('Import data to get') && [...document.querySelectorAll("
+                         "'button')].some(b => /^(Submit|Update|Skip)$/.test(b.innerText.trim()) && !b.disabled)",
+                         timeout=60)
+        before = None
+        for _ in range(30):
+            now = browser.evaluate("document.body.innerText")
+            if now == before:
+                break
+            before = now
+            time.sleep(1)
         browser.screenshot(out)
         return browser.evaluate("document.body.innerText")
     finally:

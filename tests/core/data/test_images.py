@@ -85,3 +85,29 @@ def test_an_image_that_fails_to_decode_is_a_data_error_with_file_line_and_uri(bu
     assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == 60 and row["truncated"]
     with pytest.raises(DataError, match="leaves no room for the answers"):
         images.vision_tokenize_record(ok, processor, max_length=len(row["prompt_ids"]))
+
+
+def test_the_vision_stage_rows_survive_arrow_and_collate(tmp_path):
+    """VisionTokenizeStage's output as Ray Data keeps it (an Arrow table; numpy batches on the workers), then the
+    padded collate: each pair's images come back in its rows."""
+    import pyarrow as pa
+
+    from core.batch import collate_pairs
+    from core.data.formats import parse_batch
+    from core.data.pipeline import as_columns
+    from tests.tiny_vlm import build_tiny_vlm_dir
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(image_bytes(i))
+    rows = [nova_image_row(["s3://bkt/0.png", "s3://bkt/1.png"], "q", "yes", "no"),
+            nova_image_row(["s3://bkt/2.png"], "r", "one two three", "four")]
+    parsed = parse_batch({"text": [json.dumps(r) for r in rows], "source": ["f:1", "f:2"]})
+    parsed["media"] = [m.replace("s3://bkt/", str(tmp_path) + "/") for m in parsed["media"]]  # local images here
+    stage = images.VisionTokenizeStage(str(build_tiny_vlm_dir(tmp_path / "vlm")), max_length=128,
+                                       default_system=None, max_prompt_length=None, keep="keep_end")
+    table = pa.Table.from_pydict(stage(parsed))
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    shard = [dict(zip(batch, values)) for values in zip(*batch.values())]  # as core/data/pipeline.shard_rows
+    collated = collate_pairs(as_columns(shard), pad_id=0)
+    assert collated["input_ids"].shape[0] == 4
+    assert collated["pixel_values"].shape[0] == 2 * (2 + 1)  # chosen rows' images, then the rejected rows'

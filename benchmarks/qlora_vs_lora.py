@@ -65,7 +65,7 @@ def child(side: str, setup: dict) -> dict:
     from core.data.formats import parse_line
     from core.data.tokenize import tokenize_record
     from core.forward import add_logps_head, sequence_logps_of
-    from core.models import load_config, load_tokenizer
+    from core.models import load_config, load_tokenizer, resolve_model_source
     from training.loop import load_under_zero_init, wrap_lora
     from training.losses import dpo_loss
     from training.optim import build_optimizer
@@ -74,7 +74,7 @@ def child(side: str, setup: dict) -> dict:
     torch.set_num_threads(setup["threads"])
     before_load = peak_rss_bytes()
     quant = Quantization(bits=4) if side == "qlora" else Quantization()
-    source = setup["model"]
+    source = resolve_model_source(setup["model"])  # the offline SmolLM2: its GGUF converted once, cached
     config = load_config(source)
     kwargs = {"attn_implementation": attention_for_model(config, packing=False, share_prompt=True, on_gpu=False)}
     kwargs |= quantization.load_kwargs(quant, "fp32", zero_stage=0, device=torch.device("cpu"))

@@ -258,8 +258,9 @@ def deepspeed_safe_globals() -> list:
     enum and loss-scaler records. Everything else in a checkpoint must be tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1's param slice map: two ints (numel, start)
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def load_tensors_only(path: str, map_location=None, *, uri: str = ""):

@@ -50,7 +50,7 @@ def write_recipe(root: Path) -> Path:
             "checkpoint": {"every_n_steps": EVERY},
             "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
                       "peft": {"peft_scheme": "lora", "quantization": "4bit",
-                               "lora_tuning": {"adapter_dim": 8, "alpha": 16}}}},
+                               "lora_tuning": {"adapter_dim": 8, "alpha": 16, "adapter_dropout": 0.0}}}},
     }
     path = root / "qlora.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

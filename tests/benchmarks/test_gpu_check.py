@@ -57,7 +57,7 @@ def test_random_pairs_are_seeded_and_uneven_where_asked():
     assert all(2 <= t < 50 for row in uneven["prompt_ids"] for t in row)  # never the pad or eos id
 
 
-@pytest.mark.slow  # DeepSpeed, three ZeRO engines and a dozen tiny models: ~40 s alone on this machine
+@pytest.mark.slow  # DeepSpeed, four engines and a dozen tiny models: 15-45 s alone on this machine
 def test_dry_run_runs_every_check_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--json", str(out)], cwd=ROOT,

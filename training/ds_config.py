@@ -157,9 +157,13 @@ def engine_stage(stage: int, precision: str) -> int:
 
 
 def reference_config(config: dict) -> dict:
-    """The frozen reference engine: same partitioning, no optimizer, no gradient settings that need one."""
+    """The frozen reference engine: the same parameter partitioning, no optimizer, no gradient settings that need
+    one. ZeRO stages 1 and 2 partition only optimizer state and gradients, which a reference has none of (DeepSpeed
+    refuses them without an optimizer): below stage 3 the reference is a plain engine."""
     ref = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
     ref["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+    if ref["zero_optimization"].get("stage", 0) < 3:
+        ref["zero_optimization"]["stage"] = 0
     return ref
 
 

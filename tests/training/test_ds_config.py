@@ -109,6 +109,9 @@ def test_deepspeed_config_for_zero3():
     reference = ds_config.reference_config(offload)
     assert "offload_optimizer" not in reference["zero_optimization"] and "gradient_clipping" not in reference
     assert reference["zero_optimization"]["stage"] == 3
+    one_worker = ds_config.deepspeed_config(micro_batch=1, accum=1, workers=1, precision="fp32", stage=1)
+    assert one_worker["zero_optimization"]["stage"] == 1
+    assert ds_config.reference_config(one_worker)["zero_optimization"]["stage"] == 0  # stage 1 needs an optimizer
 
 
 def test_zero3_keeps_small_parameters_whole_and_releases_gathered_ones_at_once():

@@ -74,6 +74,11 @@ def validation_message(errors: list[dict]) -> str:
     """pydantic's errors as one line a user reads: `messages: Field required; temperature: ...`."""
     parts = []
     for err in errors:
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+            at = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON (character {at}{': ' + reason if reason else ''})")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "the request body is not valid"

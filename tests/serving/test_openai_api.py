@@ -58,6 +58,9 @@ def test_validation_message_names_each_field():
         message = api.validation_message(err.errors())
     assert "messages: Field required" in message and "temperature:" in message
     assert api.validation_message([]) == "the request body is not valid"
+    bad_json = [{"type": "json_invalid", "loc": ("body", 29), "msg": "JSON decode error",
+                 "ctx": {"error": "Expecting ',' delimiter"}}]
+    assert api.validation_message(bad_json) == "the body is not valid JSON (character 29: Expecting ',' delimiter)"
 
 
 def test_errors_in_openai_shape():

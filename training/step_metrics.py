@@ -19,8 +19,10 @@ COUNTS = ("real_tokens", "computed_tokens", "unique_tokens")
 def micro_part(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, *, real_tokens: int,
                computed_tokens: int, unique_tokens: int) -> dict:
     """What one micro-batch adds to its step's metrics; nothing leaves the device here. real_tokens count the prompt
-    in both answers (as two padded rows hold it), unique_tokens once (core/batch.py unique_tokens)."""
-    return {"loss": loss.detach().reshape(1), "chosen_rewards": chosen_rewards.detach(),
+    in both answers (as two padded rows hold it), unique_tokens once (core/batch.py unique_tokens). The loss is kept
+    summed over the micro-batch's pairs (its mean × pairs): micro-batches of an uneven split differ in size, and the
+    step's loss is the mean over its pairs (training/batch_split.py)."""
+    return {"loss": (loss.detach() * chosen_rewards.shape[0]).reshape(1), "chosen_rewards": chosen_rewards.detach(),
             "rejected_rewards": rejected_rewards.detach(), "chosen_logps": chosen_logps.detach(),
             "rejected_logps": rejected_logps.detach(), "real_tokens": int(real_tokens),
             "computed_tokens": int(computed_tokens), "unique_tokens": int(unique_tokens)}
@@ -51,10 +53,10 @@ def gather(record: dict, world: int) -> list[dict]:
 
 
 def metrics_of(records: list[dict], elapsed: float) -> dict:
-    """The metrics of one step over every worker's pairs: TRL's rewards/* (reward_metrics), the mean micro-batch
-    loss, the mean log-probs, tokens per second and the padding the layout computed beyond the real tokens: per real
-    token (padding_waste, the prompt counted twice as padded rows hold it) and per unique token (padding_unique, the
-    prompt counted once: what the data holds)."""
+    """The metrics of one step over every worker's pairs: TRL's rewards/* (reward_metrics), the loss per pair (each
+    micro-batch's weighs its pairs), the mean log-probs, tokens per second and the padding the layout computed beyond
+    the real tokens: per real token (padding_waste, the prompt counted twice as padded rows hold it) and per unique
+    token (padding_unique, the prompt counted once: what the data holds)."""
     column = {k: [v for r in records for v in r[k]] for k in TENSORS}
     pairs = len(column["chosen_rewards"])
     real = sum(r["real_tokens"] for r in records)
@@ -63,7 +65,7 @@ def metrics_of(records: list[dict], elapsed: float) -> dict:
     rewards = reward_metrics(torch.tensor(column["chosen_rewards"]), torch.tensor(column["rejected_rewards"])) \
         if pairs else dict.fromkeys(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
                                     0.0)
-    return {"loss": _mean(column["loss"]), **rewards,
+    return {"loss": sum(column["loss"]) / pairs if pairs else 0.0, **rewards,
             "logps/chosen": _mean(column["chosen_logps"]), "logps/rejected": _mean(column["rejected_logps"]),
             "tokens_per_s": real / max(elapsed, 1e-9), "real_tokens": real,
             "padding_waste": computed / max(real, 1), "padding_unique": computed / max(unique, 1), "pairs": pairs}

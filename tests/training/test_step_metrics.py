@@ -20,7 +20,8 @@ def test_two_micro_batches_on_two_workers():
                            12)])
     m = metrics_of([w0, w1], elapsed=2.0)
     assert m["pairs"] == 6
-    assert m["loss"] == pytest.approx((0.6 + 0.8 + 0.4) / 3)  # the mean of the three micro-batch losses
+    # per pair: each micro-batch's mean loss weighs its pairs (2, 1 and 3), as one worker's mean over all 6 would
+    assert m["loss"] == pytest.approx((0.6 * 2 + 0.8 * 1 + 0.4 * 3) / 6)
     # rewards over all 6 pairs: chosen 0.2 -0.1 0.3 0.1 0.0 0.4 (sum 0.9), rejected 0 0.1 0.5 0 0.2 0.1 (sum 0.9)
     assert m["rewards/chosen"] == pytest.approx(0.9 / 6) and m["rewards/rejected"] == pytest.approx(0.9 / 6)
     assert m["rewards/accuracies"] == pytest.approx(3 / 6)  # 0.2>0, 0.1>0, 0.4>0.1; the others are not

@@ -52,3 +52,17 @@ def build_tiny_model_dir(path: Path, *, seed: int = 0, layers: int = 2, hidden: 
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_workspace(root: Path, pairs: int) -> Path:
+    """A tiny model at root/model and `pairs` answer-format pairs at root/data/train.jsonl (the fault tests' run)."""
+    import json
+
+    from core.data.synthetic import answer_format_pairs
+
+    build_tiny_model_dir(root / "model")
+    (root / "data").mkdir()
+    with open(root / "data" / "train.jsonl", "w") as f:
+        for row in answer_format_pairs(pairs, seed=1):
+            f.write(json.dumps(row) + "\n")
+    return root

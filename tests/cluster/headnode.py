@@ -22,6 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from cluster.warm import free_ports  # one finder of free loopback ports, shared with `raydpo up`
+
 BIN = Path(sys.executable).parent
 # Logical CPUs of the head that tests share (conftest.py ray_cluster): 2 training replicas + the 2 CPUs `raydpo
 # train` keeps for Ray Data (launcher/commands/train.py DATA_CPUS), what a local cluster for 2 replicas gets here.
@@ -29,15 +31,6 @@ SHARED_CPUS = 4
 ROOT_OF_REPO = Path(__file__).resolve().parents[2]
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def port_open(host: str, port: int) -> bool:

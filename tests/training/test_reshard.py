@@ -8,7 +8,6 @@ losses would only be close. Everything else (weights, Adam moments, the step, th
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,16 +27,9 @@ RUN_S = 900
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from core.data.synthetic import answer_format_pairs
-    from tests.tiny import build_tiny_model_dir
+    from tests.tiny import build_tiny_workspace
 
-    root = tmp_path_factory.mktemp("reshard")
-    build_tiny_model_dir(root / "model")
-    (root / "data").mkdir()
-    with open(root / "data" / "train.jsonl", "w") as f:
-        for row in answer_format_pairs(PAIRS, seed=1):
-            f.write(json.dumps(row) + "\n")
-    return root
+    return build_tiny_workspace(tmp_path_factory.mktemp("reshard"), PAIRS)
 
 
 def recipe_for(workspace: Path, name: str, *, lora: bool, replicas: int) -> Path:

@@ -36,16 +36,9 @@ WAIT_S = 900  # a run on a busy 2-core machine
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tests.tiny import build_tiny_model_dir
-    from core.data.synthetic import answer_format_pairs
+    from tests.tiny import build_tiny_workspace
 
-    root = tmp_path_factory.mktemp("resume")
-    build_tiny_model_dir(root / "model")
-    (root / "data").mkdir()
-    with open(root / "data" / "train.jsonl", "w") as f:
-        for row in answer_format_pairs(PAIRS, seed=1):
-            f.write(json.dumps(row) + "\n")
-    return root
+    return build_tiny_workspace(tmp_path_factory.mktemp("resume"), PAIRS)
 
 
 def write_recipe(workspace: Path, name: str, output: str, max_failures: int = 1) -> Path:

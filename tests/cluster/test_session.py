@@ -197,11 +197,13 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path, monkeypatch):
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    me = psutil.Process()
+    # not the processes this test session started before (the shared ray_cluster head, a Label Studio server)
+    earlier = {p.pid for p in me.children(recursive=True)}
     with ray_session(num_cpus=1, num_gpus=0, log_file=tmp_path / "ray.log") as info:
         assert info["address"].startswith("127.0.0.1:")
         ray.get(ray.remote(lambda: 1).remote())  # a worker process too
-        me = psutil.Process()
-        pids = {p.pid for p in me.children(recursive=True)} | {me.pid}
+        pids = ({p.pid for p in me.children(recursive=True)} - earlier) | {me.pid}
         addresses = listening_addresses(pids)
     assert addresses and addresses <= {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}, addresses
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None  # put back after the session

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
+from tests.cluster.headnode import user_env
 from tests.s3server import s3_server  # noqa: F401 - the fixture
 from tests.tiny import build_tiny_model_dir
-from tests.training.test_train_integration import run_train
+from tests.training.test_train_integration import ROOT
 from core.data.synthetic import answer_format_pairs
 
 pytestmark = pytest.mark.slow
@@ -34,7 +37,10 @@ def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_pa
     }
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = run_train(path)
+    # its own local cluster, not the shared head: the workers need the S3 endpoint this test's server set in the
+    # environment after the shared head started
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(path)], cwd=ROOT,
+                          env=user_env() | {"PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skipping 1 bad row(s)" in proc.stdout
 

@@ -17,14 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 S3 = ["run.data_s3_path=s3://bucket/dpo/train.jsonl", "run.output_s3_path=s3://bucket/dpo/runs"]
 
 
-@pytest.fixture(scope="module")
-def schemas(shared):
-    path = shared / "k8s-schemas" / "kuberay-v1.7.0"
-    if not (path / "ray.io_rayjobs.yaml").is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {path}")
-    return path
-
-
 def render(tmp_path, *args) -> list[dict]:
     out = tmp_path / "out.yaml"
     assert main(["k8s", "render", "recipes/reference.yaml", *S3, *args, "-o", str(out)]) == 0

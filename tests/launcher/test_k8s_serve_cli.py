@@ -15,14 +15,6 @@ from launcher.cli import main
 RUNS = ["s3://bucket/runs/hh-lora", "s3://bucket/runs/hh-lora-beta0.5"]
 
 
-@pytest.fixture(scope="module")
-def schemas(shared):
-    path = shared / "k8s-schemas" / "kuberay-v1.7.0"
-    if not (path / "ray.io_rayservices.yaml").is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {path}")
-    return path
-
-
 def render(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "service.yaml"
     assert main(["k8s", "render", *RUNS, "--kind", "rayservice", "--image", "registry.example/raydpo:0.1.0-gpu",

@@ -51,14 +51,19 @@ def test_total_and_fits():
     assert fits(0.9 * GB, 1.0) and not fits(0.9 * GB + 1, 1.0)
 
 
+def write_plan_recipe(folder, model_dir, name: str, model: dict | None = None):
+    """A recipe `raydpo plan` reads: the tiny model, batch 8, max_length 256, and `model` as training_config.model."""
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "run": {"name": name, "model_name_or_path": str(model_dir), "data_s3_path": str(folder),
+                "output_s3_path": str(folder / "out")},
+        "training_config": {"max_length": 256, "global_batch_size": 8, **({"model": model} if model else {})}}))
+    return path
+
+
 @pytest.fixture
 def recipe_file(tmp_path, tiny_model_dir):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "run": {"name": "plan-me", "model_name_or_path": str(tiny_model_dir), "data_s3_path": str(tmp_path),
-                "output_s3_path": str(tmp_path / "out")},
-        "training_config": {"max_length": 256, "global_batch_size": 8}}))
-    return path
+    return write_plan_recipe(tmp_path, tiny_model_dir, "plan-me")
 
 
 def test_plan_fits_a_big_gpu(recipe_file, tiny_model_dir, capsys):

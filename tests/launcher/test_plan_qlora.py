@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from core.config import Quantization
 from core.quantization import bytes_per_param
 from launcher.cli import main
+from tests.launcher.test_plan_cli import write_plan_recipe
 from training.memory_plan import ModelShape, RunShape, base_weight_bytes, frozen_base_bytes, inference_stage
 
 RUN = RunShape(gpus_per_node=2, nodes=1, micro_batch_pairs=2, max_length=8, dtype_bytes=2,
@@ -28,13 +28,8 @@ def test_quantized_base_weights_hand_worked():
 
 @pytest.fixture
 def qlora_recipe(tmp_path, tiny_model_dir):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "run": {"name": "plan-qlora", "model_name_or_path": str(tiny_model_dir), "data_s3_path": str(tmp_path),
-                "output_s3_path": str(tmp_path / "out")},
-        "training_config": {"max_length": 256, "global_batch_size": 8,
-                            "model": {"peft": {"peft_scheme": "lora", "quantization": "4bit"}}}}))
-    return path
+    return write_plan_recipe(tmp_path, tiny_model_dir, "plan-qlora",
+                             model={"peft": {"peft_scheme": "lora", "quantization": "4bit"}})
 
 
 def test_plan_counts_the_linear_weights_but_the_head_as_quantized(qlora_recipe):

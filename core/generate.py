@@ -1,9 +1,13 @@
 """Answers from a model for many prompts, distributed with Ray Data: map_batches over model actors, one per worker.
 
-Rows travel as {"index", "messages" (JSON text), "system", "tools" (JSON text or "")}: Arrow keeps a fixed schema,
-and the index restores the input order after the actors finish (Ray Data does not keep order across actors by
-default). Each answer says how many tokens it took and whether it hit max_new_tokens without ending (a cut answer,
-counted in the results).
+Rows travel as {"index", "messages" (JSON text), "system", "tools" (JSON text or ""), "media" (a record's media
+column, core/data/record.py, or "")}: Arrow keeps a fixed schema, and the index restores the input order after the
+actors finish (Ray Data does not keep order across actors by default). Each answer says how many tokens it took and
+whether it hit max_new_tokens without ending (a cut answer, counted in the results).
+
+A vision-language model (core/vision.py) answers through its processor: each prompt's images (the media column's
+URIs, read from s3:// or local paths) stand where the row had them, as in training (core/data/images.py). A row with
+images given to a text model is a DataError: it would answer a question whose picture it never saw.
 """
 from __future__ import annotations
 
@@ -94,6 +98,12 @@ class GeneratorActor:
         self.tokenizer, self.model = load_for_inference(model_source, device, gpus, gpu_bytes)
         self.device = input_device(self.model)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model)
+        from core.data.images import load_processor
+        from core.vision import is_vision_config
+
+        self.processor = load_processor(model_source) if is_vision_config(self.model.config) else None
+        if self.processor is not None:
+            self.processor.tokenizer.padding_side = "left"
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -101,8 +111,20 @@ class GeneratorActor:
         messages = [json.loads(str(m)) for m in batch["messages"]]
         systems = [str(s) or None for s in batch["system"]]
         tools = [str(t) or None for t in batch["tools"]] if "tools" in batch else [None] * len(messages)
-        texts = [prompt_text(self.tokenizer, m, s, t) for m, s, t in zip(messages, systems, tools)]
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        media = [str(m) or None for m in batch["media"]] if "media" in batch else [None] * len(messages)
+        if self.processor is not None:
+            encoded = vision_inputs(self.processor, messages, systems, media, self.device,
+                                    getattr(self.model, "dtype", None))
+        else:
+            if any(media):
+                from core.errors import DataError
+
+                raise DataError(f"{sum(map(bool, media))} prompt(s) hold images and the model is a text model",
+                                why="a text model would answer without seeing the images",
+                                fix="generate with a vision-language model, or leave the image rows out")
+            texts = [prompt_text(self.tokenizer, m, s, t) for m, s, t in zip(messages, systems, tools)]
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(self.device)
         if self.settings.temperature > 0:
             torch.manual_seed(self.settings.seed + int(batch["index"][0]))  # same rows, same samples
         with torch.no_grad():
@@ -117,6 +139,29 @@ class GeneratorActor:
             cut.append(not ended)
         return {"index": list(batch["index"]), "prediction": predictions, "new_tokens": lengths,
                 "hit_max_new_tokens": cut}
+
+
+def vision_inputs(processor, messages: list[list[dict]], systems: list, media: list, device, dtype) -> dict:
+    """generate() inputs of a batch of prompts for a vision-language model: each prompt through the processor's chat
+    template with its images where the row had them (core/data/images.conversation, as the training rows), left
+    padded; floating-point image inputs in the model's dtype."""
+    import torch
+
+    from core.data.images import ImageError, conversation, load_image
+
+    texts, images = [], []
+    for turns, system, parts in zip(messages, systems, media):
+        chat, uris = conversation({"prompt": turns, "system": system, "media": parts}, None)
+        try:
+            images.append([load_image(uri) for uri in uris])
+        except ImageError as err:
+            from core.errors import DataError
+
+            raise DataError(str(err), fix="replace or fix the image (or leave the row out)") from None
+        texts.append(processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    encoded = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+    return {k: v.to(device, dtype) if dtype is not None and torch.is_floating_point(v) else v.to(device)
+            for k, v in encoded.items()}
 
 
 def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, workers: int, use_gpu: bool,
@@ -145,10 +190,11 @@ def run_actor_pool(items: list[dict], actor_cls, constructor_kwargs: dict, *, wo
 
 def generate_answers(prompts: list[dict], model_source: str, settings: GenerationSettings, *, workers: int = 1,
                      use_gpu: bool = False) -> list[dict]:
-    """One answer per prompt ({"messages": [...], "system": str | None, "tools": JSON text | None}), in order:
+    """One answer per prompt ({"messages": [...], "system": str | None, "tools": JSON text | None, "media": a
+    record's media column, JSON text | None}), in order:
     [{"prediction", "new_tokens", "hit_max_new_tokens"}]."""
     items = [{"index": i, "messages": json.dumps(p["messages"], ensure_ascii=False), "system": p.get("system") or "",
-              "tools": p.get("tools") or ""} for i, p in enumerate(prompts)]
+              "tools": p.get("tools") or "", "media": p.get("media") or ""} for i, p in enumerate(prompts)]
     kwargs = {"model_source": model_source, "settings": asdict(settings), "device": "cuda" if use_gpu else "cpu"}
     if use_gpu:  # a model too big for one GPU gets several per actor, and fewer actors (core/sharding.py)
         from core.sharding import actors_for, gpus_per_actor

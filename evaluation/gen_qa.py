@@ -221,7 +221,8 @@ def read_qa_rows(path: str, *, fmt: str = "auto", key_map: dict | None = None,
                  max_rows: int | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
     """(rows {"messages", "system", "tools", "reference", "source"}, bad rows [(file:line, reason)]).
 
-    A preference row in any training format becomes a row whose reference is its chosen answer.
+    A preference row in any training format becomes a row whose reference is its chosen answer; one with images
+    (Nova) keeps them as "media" (core/data/record.py), which generation hands to a vision-language model.
     """
     from core import storage
     from core.data.formats import parse_line
@@ -249,7 +250,7 @@ def read_qa_rows(path: str, *, fmt: str = "auto", key_map: dict | None = None,
                                 if prompt_key else f"neither a question/answer row nor a preference pair: {reason}"))
                     continue
                 fields = {"messages": record["prompt"], "system": record["system"], "tools": record["tools"],
-                          "reference": record["chosen"]}
+                          "reference": record["chosen"]} | ({"media": record["media"]} if record["media"] else {})
             rows.append({**fields, "source": source})
     return rows, bad
 

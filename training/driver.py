@@ -22,6 +22,7 @@ from core import storage, tracking, vision
 from core.config import Recipe, as_dict, run_uri
 from core.data import pipeline
 from core.data.formats import parse_line
+from core.data.images import check_image_data_limits
 from core.data.raw_rows import iter_raw_rows
 from core.data.tokenize import tokenize_record
 from core.errors import DataError, RaydpoError
@@ -71,8 +72,13 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
     # a vision-language model (core/vision.py): its rows' images are checked here and processed in the data stages
     vlm = vision.is_vision_config(load_config(recipe.run.model_name_or_path)) or None
     summary = pipeline.preflight(train_files, data_cfg, tc.seed, fraction, vision=vlm)
+    if vlm:  # Nova's limits for image data (max_length, pairs): as soon as the pre-flight knows it holds images
+        check_image_data_limits(summary.train_pairs + summary.validation_pairs, summary.images, tc.max_length,
+                                "training data")
     if val_files:
         val_summary = pipeline.preflight(val_files, data_cfg, tc.seed, 0.0, vision=vlm)
+        if vlm:
+            check_image_data_limits(val_summary.train_pairs, val_summary.images, tc.max_length, "validation data")
         summary.validation_pairs = val_summary.train_pairs
         summary.images += val_summary.images
         summary.bad_rows += val_summary.bad_rows

@@ -21,6 +21,9 @@ from core.errors import DataError
 MAX_IMAGE_BYTES = 20 * 1024**2     # per image file; a larger one is a bad row (and likely a mistake)
 MAX_IMAGE_PIXELS = 50_000_000      # width x height: beyond it PIL's decoder guards against decompression bombs
 HEADER_BYTES = 256 * 1024          # the ranged read that reads an image's header in the check
+# Nova's recipes for image data: at most this many samples per data set and this max_length (text data: 32768)
+NOVA_IMAGE_MAX_SAMPLES = 20_000
+NOVA_IMAGE_MAX_LENGTH = 16_384
 
 
 class ImageError(Exception):
@@ -89,6 +92,29 @@ def check_images(batch: dict, vision: bool) -> dict:
         record = {"images": batch["images"][i], "media": batch["media"][i]}
         errors[i] = row_image_problem(record, vision) or None
     return {**batch, "error": errors}
+
+
+def check_image_data_limits(pairs: int, images: int, max_length: int, what: str) -> None:
+    """Nova's limits for a data set holding images (`pairs` good rows, `images` images in them): max_length at most
+    NOVA_IMAGE_MAX_LENGTH (a ConfigError: the recipe is wrong) and at most NOVA_IMAGE_MAX_SAMPLES rows (a DataError).
+    A data set without images is not limited here. Called by the driver right after the pre-flight pass."""
+    from core.errors import ConfigError
+
+    if not images:
+        return
+    if max_length > NOVA_IMAGE_MAX_LENGTH:
+        raise ConfigError(f"training_config.max_length={max_length} is above {NOVA_IMAGE_MAX_LENGTH} and the {what} "
+                          f"holds {images} image(s)",
+                          why=f"Nova's recipes limit data with images to max_length {NOVA_IMAGE_MAX_LENGTH} (text "
+                              "data: 32768); raydpo keeps its recipes portable to Nova",
+                          fix=f"set training_config.max_length to at most {NOVA_IMAGE_MAX_LENGTH}")
+    if pairs > NOVA_IMAGE_MAX_SAMPLES:
+        raise DataError(f"the {what} holds {pairs} pairs with {images} image(s); data with images is limited to "
+                        f"{NOVA_IMAGE_MAX_SAMPLES} pairs",
+                        why=f"Nova's recipes limit a data set with images to {NOVA_IMAGE_MAX_SAMPLES:,} samples; "
+                            "raydpo keeps its recipes portable to Nova",
+                        fix=f"train on at most {NOVA_IMAGE_MAX_SAMPLES} pairs (a sample of the data, or several runs "
+                            "each resuming from the last one's model)")
 
 
 # ---------------------------------------------------------------- reading and processing

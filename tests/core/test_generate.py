@@ -113,3 +113,68 @@ def test_generate_candidates_repeats_each_prompt_and_groups_the_answers(monkeypa
     assert seen["prompts"] == [prompts[0]] * 3 + [prompts[1]] * 3
     assert [[a["prediction"] for a in group] for group in got] == [["answer 0", "answer 1", "answer 2"],
                                                                    ["answer 3", "answer 4", "answer 5"]]
+
+
+# ---------------------------------------------------------------- a vision-language model (tests/tiny_vlm.py)
+
+@pytest.fixture(scope="module")
+def vlm_rows(tmp_path_factory):
+    """The tiny VLM and two Nova image rows read as gen_qa reads them (reference: the chosen answer), their images
+    local files (the s3:// URIs Nova requires rewritten to them, as the vision tests do)."""
+    from evaluation.gen_qa import read_qa_rows
+    from tests.tiny_vlm import build_tiny_vlm_dir, image_bytes, nova_image_row
+
+    tmp = tmp_path_factory.mktemp("gen-vlm")
+    rows = [nova_image_row([f"s3://bkt/{i}-{k}.png" for k in range(1 + i)], "Which colour is it?", "Red.", "Blue.")
+            for i in range(2)]
+    (tmp / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i, k in ((0, 0), (1, 0), (1, 1)):
+        (tmp / f"{i}-{k}.png").write_bytes(image_bytes(10 * i + k, size=(28 + 9 * i, 28)))
+    qa, bad = read_qa_rows(str(tmp / "qa.jsonl"))
+    assert not bad and [r["reference"] for r in qa] == ["Red.", "Red."]
+    for row in qa:  # parsed with the s3:// URIs Nova requires, then pointed at the local files
+        row["media"] = row["media"].replace("s3://bkt/", str(tmp) + "/")
+    return build_tiny_vlm_dir(tmp / "vlm"), qa
+
+
+def _vlm_batch(rows):
+    return {"index": np.arange(len(rows)), "messages": np.array([json.dumps(r["messages"]) for r in rows]),
+            "system": np.array([r["system"] or "" for r in rows]), "media": np.array([r["media"] for r in rows])}
+
+
+def test_a_vlm_answers_image_prompts_with_their_images_like_one_at_a_time(vlm_rows):
+    """GeneratorActor on Nova image rows (gen_qa's path): batched with left padding, each answer equals plain
+    transformers generate() of that prompt alone with its own images, and the images reach the model."""
+    import torch
+
+    from core.data.images import conversation, load_image, image_uris
+
+    model_dir, rows = vlm_rows
+    actor = g.GeneratorActor(str(model_dir), {"max_new_tokens": 6, "batch_size": 2})
+    assert actor.processor is not None
+    out = actor(_vlm_batch(rows))
+    processor = actor.processor
+    for i, row in enumerate(rows):
+        chat, uris = conversation({"prompt": row["messages"], "system": row["system"], "media": row["media"]}, None)
+        assert uris == image_uris(row["media"]) and len(uris) == 1 + i
+        text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert text.count("<image>") == 1 + i
+        alone = processor(text=[text], images=[load_image(u) for u in uris], return_tensors="pt")
+        with torch.no_grad():
+            ids = actor.model.generate(**alone, max_new_tokens=6, do_sample=False, eos_token_id=sorted(actor.eos_ids),
+                                       pad_token_id=actor.tokenizer.pad_token_id)[0, alone["input_ids"].shape[1]:]
+            # the same prompt without its pixels (the image features zeroed) scores differently: the images count
+            logits = actor.model(**alone).logits[0, -1]
+            blank = actor.model(**(alone | {"pixel_values": torch.zeros_like(alone["pixel_values"])})).logits[0, -1]
+        assert not torch.allclose(logits, blank)
+        n, ended = g.answer_length(ids.tolist(), actor.eos_ids)
+        assert out["prediction"][i] == actor.tokenizer.decode(ids[:n], skip_special_tokens=True)
+        assert out["new_tokens"][i] == n and out["hit_max_new_tokens"][i] == (not ended)
+
+
+def test_a_text_model_refuses_prompts_with_images(vlm_rows, tiny_model_dir):
+    from core.errors import DataError
+
+    actor = g.GeneratorActor(str(tiny_model_dir), {"max_new_tokens": 2})
+    with pytest.raises(DataError, match="2 prompt\\(s\\) hold images and the model is a text model"):
+        actor(_vlm_batch(vlm_rows[1]))

@@ -7,7 +7,7 @@ import pytest
 
 from core.data import images
 from core.data.formats import parse_line
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from tests.s3server import s3_server  # noqa: F401 - the fixture
 from tests.tiny_vlm import image_bytes, nova_image_row
 
@@ -35,6 +35,17 @@ def test_image_uris_in_prompt_order():
     record = record_of(nova_image_row(["s3://bkt/1.png", "s3://bkt/2.png"], "q", "a", "b"))
     assert images.image_uris(record["media"]) == ["s3://bkt/1.png", "s3://bkt/2.png"]
     assert images.image_uris(None) == []
+
+
+def test_nova_limits_for_image_data():
+    """At most 20000 pairs and max_length 16384 when the data holds images; text data is not limited here."""
+    images.check_image_data_limits(20_000, 1, 16_384, "training data")  # both at the limit: fine
+    images.check_image_data_limits(50_000, 0, 32_768, "training data")  # no images: Nova's text limits apply
+    with pytest.raises(ConfigError, match="max_length=16385 is above 16384 and the training data holds 3 image"):
+        images.check_image_data_limits(10, 3, 16_385, "training data")
+    with pytest.raises(DataError, match="validation data holds 20001 pairs with 5 image.*limited to 20000") as err:
+        images.check_image_data_limits(20_001, 5, 4096, "validation data")
+    assert err.value.why and err.value.fix
 
 
 def test_a_text_model_refuses_image_rows():

@@ -135,6 +135,7 @@ class TrainingConfig:
     seed: int = 42
     precision: str = "auto"
     max_failures: int = 0
+    node_wait_timeout_s: int = 1800
     gradient_checkpointing: bool = False
     zero_stage: int | None = None
     trainer: Trainer = field(default_factory=Trainer)

@@ -45,6 +45,7 @@ RULES: dict[str, Rule] = {
     "training_config.zero_stage": Rule(lambda v: v in (0, 3),
                                        "0 (no partitioning) or 3 (ZeRO-3); null: 3 with several workers, 0 with one"),
     "training_config.max_failures": Rule(lambda v: v >= -1, ">= 0, or -1 to retry forever (Ray's FailureConfig)"),
+    "training_config.node_wait_timeout_s": int_range(30),
     "training_config.trainer.max_epochs": int_range(1, 5),
     "training_config.trainer.max_steps": int_range(1),
     "training_config.trainer.log_every_n_steps": int_range(1),

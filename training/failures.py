@@ -87,6 +87,34 @@ def cluster_error(err: BaseException, *, latest_checkpoint: tuple[str, dict] | N
                         why=f"Ray could not keep the run going{log_text}", fix=fix)
 
 
+def node_wait_error(timeout, *, latest_checkpoint: tuple[str, dict] | None, command: str) -> ClusterError:
+    """The ClusterError for a worker group that could not start again within node_wait_timeout_s
+    (training/node_wait.py NodeWaitTimeout): which node went, how long the run waited, where it goes on from."""
+    from training.node_wait import describe_nodes
+
+    lost = describe_nodes(timeout.lost)
+    problems = ([f"lost {lost}"] if lost else []) + [
+        f"{timeout.workers} worker(s) could not be placed for {timeout.waited_s:.0f} s "
+        f"(training_config.node_wait_timeout_s={timeout.limit_s:g})"]
+    if latest_checkpoint:
+        uri, state = latest_checkpoint
+        fix = (f"bring the node back or add one, then run {command} (goes on from {uri}, step {state['step']}); "
+               f"with fewer nodes, pass --replicas to match them: the checkpoint is resharded")
+    else:
+        fix = f"no complete checkpoint was written yet: bring the node back or add one, then run {command} again"
+    return ClusterError("training stopped: a lost node did not come back", problems=problems,
+                        why="raydpo runs a fixed worker count, and the cluster no longer has room for it", fix=fix)
+
+
+def _node_wait_timeout(err: BaseException):
+    from training.node_wait import NodeWaitTimeout
+
+    for candidate in (err, getattr(err, "controller_failure", None), err.__cause__):
+        if isinstance(candidate, NodeWaitTimeout):
+            return candidate
+    return None
+
+
 def user_error(err: BaseException, *, ray_train_uri: str, max_failures: int | None = None) -> RaydpoError:
     """The error to raise for what trainer.fit raised: raydpo's own as is, anything else as a ClusterError."""
     if isinstance(err, RaydpoError):
@@ -97,5 +125,9 @@ def user_error(err: BaseException, *, ray_train_uri: str, max_failures: int | No
         latest = ckpt.latest_complete(ray_train_uri)
     except Exception:  # noqa: BLE001 - the storage may be what failed; the error must still come out
         latest = None
+    timeout = _node_wait_timeout(err)
+    if timeout is not None:
+        traceback.print_exception(err, file=sys.stderr)  # to the log file, as cluster_error does
+        return node_wait_error(timeout, latest_checkpoint=latest, command=rerun_command())
     return cluster_error(err, latest_checkpoint=latest, log_file=ray_log_file(), command=rerun_command(),
                          max_failures=max_failures)

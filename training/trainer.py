@@ -36,6 +36,7 @@ def build_trainer(recipe: Recipe, plan: RunPlan, datasets: dict, *, storage_path
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.loop import train_loop  # the worker side: deepspeed and transformers load there
+    from training.node_wait import NodeWait
 
     # preserve_order: a resumed run must see the data in the same order to skip exactly what it trained on. The
     # training set is not split: every worker reads all of it and trains its slice of each global batch
@@ -52,7 +53,8 @@ def build_trainer(recipe: Recipe, plan: RunPlan, datasets: dict, *, storage_path
             name=RAY_TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.training_config.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=recipe.training_config.max_failures),
-            callbacks=list(callbacks)),
+            # NodeWait: a group that cannot start again (a lost node) waits node_wait_timeout_s, then the run stops
+            callbacks=[*callbacks, NodeWait(recipe.training_config.node_wait_timeout_s)]),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         datasets=datasets,
         dataset_config=data_config,

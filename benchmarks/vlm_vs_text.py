@@ -6,8 +6,8 @@ with the same rows' text, side by side, through `raydpo train` (README "Images (
 Both models are the test suite's (tests/tiny_vlm.py: LLaVA class, a 1-layer CLIP vision tower of width 32, 2x2
 patches per 28-pixel image, a 2-layer Llama of width 32; tests/tiny.py: the same Llama alone). The image rows are
 Nova rows (one or two images each, in a local S3 server: moto on 127.0.0.1), the text rows the same prompts and
-answers as TRL rows. One replica, full-rank (reference: a live engine for the VLM, precomputed for text: as each
-runs by default), global batch 4. Prints and writes per run: wall time of `raydpo train`, the mean s/step and the
+answers as TRL rows. One replica, full-rank, a live reference engine for both (the VLM's default; text would
+precompute it by default, which would leave the reference's forward out of its steps only), global batch 4. Prints and writes per run: wall time of `raydpo train`, the mean s/step and the
 tokens/s of steps 2.. (step 1 warms up), the prompt tokens per pair, and the ratios VLM / text.
 """
 from __future__ import annotations
@@ -90,7 +90,8 @@ def main() -> None:
                   "training_config": {"max_length": 128, "global_batch_size": 4,
                                       "trainer": {"max_steps": args.steps},
                                       "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1,
-                                                                                   "min_lr": 1e-5}}}}}
+                                                                                   "min_lr": 1e-5}},
+                                                "dpo_cfg": {"reference": "engine"}}}}
         results[kind] = run(recipe, work, env)
         print(kind, results[kind], flush=True)
     results["ratio_vlm_over_text"] = {k: round(results["vlm"][k] / results["text"][k], 2)

@@ -12,7 +12,8 @@ What changes for a VLM (README "Images (vision-language models)"):
   computed from the image tokens in the row, which a row holding the prompt once and two answers breaks;
 - training: the vision tower is frozen unless training_config.model.freeze_vision_tower is false; the projector
   (merger / multi_modal_projector / connector) and the language model train; LoRA adapters never go on a frozen tower;
-- reference: LoRA's base with adapters disabled, or a live reference engine (the precomputed stage is text only).
+- reference: LoRA's base with adapters disabled, or a live reference engine; the precompute stage when asked for
+  (its rows carry the `vision` blob through the stage and its cache).
 """
 from __future__ import annotations
 
@@ -69,18 +70,60 @@ def lora_exclusions(model, freeze: bool) -> list[str] | None:
 
 
 def reference_for(strategy: str, lora: bool) -> str:
-    """The reference strategy of a VLM run: LoRA's adapters disabled, else a live engine. The precompute stage
-    (training/reference.py) batches text rows only, so `precompute` is refused rather than silently wrong."""
-    from core.errors import ConfigError
-
-    if strategy == "precompute":
-        raise ConfigError("training_config.model.dpo_cfg.reference=precompute is not supported for vision-language "
-                          "models", why="the reference stage computes log-probs of text rows; image rows need the "
-                          "model's processor outputs beside them",
-                          fix="use reference: auto (LoRA: adapters disabled; full-rank: engine) or engine")
+    """The reference strategy of a VLM run: `auto` is LoRA's adapters disabled, else a live engine, not the
+    precompute stage a text run picks: its cache would hold every row's pixel values (training/reference.py).
+    `precompute` asked for explicitly runs that stage, images included."""
     if strategy == "auto":
         return "adapter_disabled" if lora else "engine"
     return strategy
+
+
+# ---------------------------------------------------------------- a micro-batch without images (ZeRO-3)
+# Under ZeRO-3 every rank gathers a module's weights when any rank runs it: a rank whose micro-batch holds no image
+# would skip the vision encoder and the projector while the others wait for it there (a hang), and their gradients
+# would be reduced by some ranks only. Such a batch carries a blank image's inputs under DUMMY-prefixed keys; every
+# forward (policy, reference, validation) runs them through the encoder and projector and adds the output times
+# zero (LLaVA's trick): the same collectives on every rank, zero gradients, the same log-probs.
+DUMMY = "dummy_vision_"
+
+
+def blank_image_inputs(processor) -> dict:
+    """The processor's image inputs (pixel values, grid sizes...) of one blank 64x64 image, DUMMY-prefixed torch
+    tensors, made once per worker and added to each micro-batch that has no image (with_blank_image)."""
+    from PIL import Image
+
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    out = processor(text=[text], images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    return {DUMMY + k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", *TOKEN_ALIGNED)}
+
+
+def with_blank_image(batch: dict, blank: dict | None) -> dict:
+    """The collated micro-batch, with the blank image's inputs when none of its rows holds an image."""
+    return batch if blank is None or "pixel_values" in batch else batch | blank
+
+
+def _tensors(value):
+    import torch
+
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):  # transformers' ModelOutput is a dict
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def blank_image_term(model, batch: dict):
+    """0 x the vision encoder's and projector's output on the batch's blank image (a zero scalar in the graph), or
+    None when the batch has real images. model: the transformers model, under PEFT or a DeepSpeed engine."""
+    inputs = {k[len(DUMMY):]: v for k, v in batch.items() if isinstance(k, str) and k.startswith(DUMMY)}
+    if not inputs:
+        return None
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model; PEFT passes the call to its base
+    features = module.get_image_features(**inputs)
+    return sum(t.float().sum() for t in _tensors(features) if t.is_floating_point()) * 0.0
 
 
 # ---------------------------------------------------------------- the `vision` column: processor outputs as bytes

@@ -27,6 +27,7 @@ from core.data.raw_rows import iter_raw_rows
 from core.data.tokenize import tokenize_record
 from core.errors import DataError, RaydpoError
 from core.manifest import write_manifest
+from core.startup_trace import mark
 from core.models import load_config, load_tokenizer
 from training import checkpoint as ckpt
 from training import ds_config, failures, reshard
@@ -93,6 +94,7 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
                             "training_config.data.on_error=skip to train without them")
     if summary.bad_rows:
         say(f"skipping {len(summary.bad_rows)} bad row(s); listed in {uri}/skipped_rows.jsonl")
+    mark("data checked")
     say(f"data: {summary.train_pairs} training pairs, {summary.validation_pairs} validation pairs"
         + (f", {summary.images} images" if vlm else ""))
 
@@ -140,14 +142,24 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
                                   pipeline.tokenized_dataset(train_files, recipe, "validation", fraction, vision=vlm))
     reference_stage = None
     if plan.reference == "precompute":  # reference log-probs ahead of training, cached (training/reference.py)
-        from training.reference import file_fingerprints, precompute_reference  # loads torch and transformers
+        from training import reference as ref  # loads torch and transformers
 
-        datasets, reference_stage = precompute_reference(
-            datasets, recipe, key_parts={"train": file_fingerprints(train_files), "validation":
-                                         file_fingerprints(val_files)},
-            on_gpu=plan.use_gpu, actors=plan.workers if plan.use_gpu else 1, chunk_size=plan.logprob_chunk,
-            say=say, share_prompt=plan.share_prompt)
+        key_parts = {"train": ref.file_fingerprints(train_files), "validation": ref.file_fingerprints(val_files)}
+        cache_uri = ref.cache_uri_for(recipe, key_parts, plan.use_gpu)
+        if fills_as_it_trains(recipe, vlm=bool(vlm), resuming=bool(resume["uri"])) and \
+                ref.cache_missing(cache_uri, datasets):
+            # LoRA's reference is its own base: computed in the loop, no stage ahead of step 1, cached at the end
+            plan = dataclasses.replace(plan, reference="adapter_disabled", fill_reference_cache=True)
+            reference_stage = {"cache_uri": cache_uri, "seconds": 0.0, "reused": [], "filled": []}
+            say("reference log-probs: no cache yet; the LoRA base computes them as the run trains, kept for the "
+                "next run on this data")
+        else:
+            datasets, reference_stage = ref.precompute_reference(
+                datasets, recipe, key_parts=key_parts, on_gpu=plan.use_gpu,
+                actors=plan.workers if plan.use_gpu else 1, chunk_size=plan.logprob_chunk, say=say,
+                share_prompt=plan.share_prompt, vision=bool(vlm))
     datasets["train"] = in_file_order(datasets["train"])
+    mark("data tokenised, reference ready")
     earlier_rows = ckpt.metrics_until(uri, resumed_step)  # the interrupted run's curve up to the checkpoint
 
     # ---- train: the workers report every log_every_n_steps steps; the driver prints and records
@@ -159,6 +171,11 @@ def run_training(recipe: Recipe, *, say: Callable[[str], None], workers: int, us
         recipe, plan, datasets, staging=staging, uri=uri, earlier_rows=earlier_rows, say=say, started=started)
     if "error" in outcome:  # Ray's own errors become a ClusterError naming rank, node, checkpoint, log (failures.py)
         raise failures.user_error(outcome["error"], ray_train_uri=ray_train_uri, max_failures=tc.max_failures)
+
+    if plan.fill_reference_cache:
+        reference_stage["filled"] = ref.fill_cache(
+            reference_stage["cache_uri"], datasets, final.get("reference_logps"), run_name=recipe.run.name,
+            key_parts=key_parts, say=say)
 
     # ---- outputs: small files from the driver, the model from rank 0, the manifest last
     train_rows = [r for r in metrics_rows if r["split"] == "train"]
@@ -235,6 +252,14 @@ def follow_training(recipe: Recipe, plan: RunPlan, datasets: dict, *, staging: P
     runner.join()
     tracking.close(trackers, status="FAILED" if "error" in outcome else "FINISHED")
     return metrics_rows, final, worker_failures, step_events, outcome
+
+
+def fills_as_it_trains(recipe: Recipe, *, vlm: bool, resuming: bool) -> bool:
+    """Whether a `precompute` run whose cache is missing computes its reference in the loop instead of a stage: a
+    LoRA run's reference is the base it holds anyway. Not full-rank (a second model), QLoRA (the cache keeps
+    unquantized numbers), VLMs (image rows) or a resumed run (the pairs before the checkpoint would be missing)."""
+    peft = recipe.training_config.model.peft
+    return peft.peft_scheme == "lora" and not peft.quantization.bits and not vlm and not resuming
 
 
 def in_file_order(dataset):

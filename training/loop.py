@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from core import devices, quantization
+from core.startup_trace import mark
 from core import vision
 from core.attention import attention_for_model, on_device
 from core.batch import REFERENCE_COLUMNS, collate_for, model_layout
@@ -33,9 +34,11 @@ from training.step_metrics import gather, metrics_of, micro_part, step_record
 
 
 def train_loop(config: dict) -> None:
+    mark("worker: in the training loop")
     import deepspeed
     import ray.train
 
+    mark("worker: deepspeed imported")
     recipe: Recipe = config["recipe"]
     plan: RunPlan = config["plan"]
     tc = recipe.training_config
@@ -55,6 +58,7 @@ def train_loop(config: dict) -> None:
                                               plan.omp_num_threads))
     seed_everything(tc.seed + rank)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+    mark("worker: process group")
 
     precision = devices.precision_for(tc.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -80,6 +84,7 @@ def train_loop(config: dict) -> None:
 
     base_kwargs = dropouts | quantization.load_kwargs(quant, precision, zero_stage=plan.zero_stage, device=device)
     policy, hf_ds_config = load_under_zero_init(model_source, dtype, engine_config, base_kwargs)
+    mark("worker: model loaded")
     if quantization.quantized(quant):  # the reference is this quantized base with the adapters off
         policy = quantization.prepare_for_training(policy, gradient_checkpointing=tc.gradient_checkpointing,
                                                    partitioned=plan.zero_stage == 3)
@@ -103,6 +108,7 @@ def train_loop(config: dict) -> None:
                                  constant_steps=optim.sched.constant_steps, total=plan.total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                            lr_scheduler=schedule, config=engine_config)
+    mark("worker: deepspeed engine")
     reference = None
     if plan.reference == "engine":
         ref_model, _ref_hf_config = load_under_zero_init(model_source, dtype, engine_config, dropouts)
@@ -112,9 +118,12 @@ def train_loop(config: dict) -> None:
         reference.eval()
 
     collate = collate_for(layout, tokenizer.pad_token_id)
+    # a VLM's micro-batch without images runs a blank one through the vision encoder (core/vision.py: ZeRO-3 gathers
+    # its weights on every rank); the processor only, once
+    blank = vision.blank_image_inputs(load_processor(model_source)) if vlm else None
 
     def collate_with_sources(batch):  # the pairs' file:line travel along, for the data-position checks
-        return collate(batch) | {"sources": [str(s) for s in batch.get("source", [])]}
+        return vision.with_blank_image(collate(batch), blank) | {"sources": [str(s) for s in batch.get("source", [])]}
 
     def batches(split: str, epoch: int):  # validation: each worker its own part of the split (Ray Data's)
         shuffled = split == "train" and plan.shuffle_buffer is not None
@@ -161,18 +170,32 @@ def train_loop(config: dict) -> None:
         half = logps.shape[0] // 2
         return logps[:half], logps[half:], counts[:half], counts[half:]
 
-    def reference_logps(batch):
+    # a LoRA run whose reference cache is missing fills it as it trains (training/reference.py): split -> {source:
+    # [chosen, rejected]}, gathered to rank 0 at the end
+    reference_seen: dict[str, dict[str, list[float]]] = {"train": {}, "validation": {}}
+
+    def reference_logps(batch, split="train"):
         if plan.reference == "precompute":  # computed ahead of training by training/reference.py
             return batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device)
         if reference is not None:
             return pair_logps(batch, reference, with_grad=False)[:2]
-        with engine.module.disable_adapter():  # LoRA: the base without adapters is the reference
-            return pair_logps(batch, engine.module, with_grad=False)[:2]
+        if not plan.fill_reference_cache:
+            with engine.module.disable_adapter():  # LoRA: the base without adapters is the reference
+                return pair_logps(batch, engine.module, with_grad=False)[:2]
+        was_training = engine.module.training
+        engine.module.eval()  # as the precompute stage computes them: no dropout in what the cache keeps
+        with engine.module.disable_adapter():
+            ref_chosen, ref_rejected = pair_logps(batch, engine.module, with_grad=False)[:2]
+        engine.module.train(was_training)
+        if batch.get("sources"):  # the end-of-run probe pairs carry none and are no part of the cache
+            values = torch.stack([ref_chosen, ref_rejected], dim=1).float().cpu().tolist()
+            reference_seen[split].update(zip(batch["sources"], values))
+        return ref_chosen, ref_rejected
 
-    def loss_of(batch, with_grad):
+    def loss_of(batch, with_grad, split="train"):
         """The micro-batch's loss (TRL's, training/losses.py) and what it adds to the step's metrics."""
         chosen, rejected, chosen_n, rejected_n = pair_logps(batch, engine if with_grad else engine.module, with_grad)
-        ref_chosen, ref_rejected = reference_logps(batch)
+        ref_chosen, ref_rejected = reference_logps(batch, split)
         losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
                                                 loss_type=dpo.loss_type, beta=dpo.beta,
                                                 label_smoothing=dpo.label_smoothing,
@@ -183,7 +206,7 @@ def train_loop(config: dict) -> None:
 
     def validate(step: int) -> dict:
         engine.eval()
-        parts = [loss_of(batch, with_grad=False)[1] for batch in batches("validation", 0)]
+        parts = [loss_of(batch, with_grad=False, split="validation")[1] for batch in batches("validation", 0)]
         engine.train()
         return metrics_of(gather(step_record(parts), world), elapsed=1.0) | {"split": "validation", "step": step}
 
@@ -210,6 +233,8 @@ def train_loop(config: dict) -> None:
     micro_batches = ckpt.traced(train_batches(), state, rank,
                                 sources_of=lambda item: item[0]["sources"] if item[1] else [])
     for batch, pairs in micro_batches if state["step"] < plan.total_steps else ():  # resumed at the end: none
+        if not state["step"] and not parts:
+            mark("worker: first micro-batch")
         loss, part = loss_of(batch, with_grad=True)
         # an uneven split: this rank's share weighted so the step's gradient is the global batch's mean (ds_config)
         engine.backward(loss * ds_config.loss_weight(pairs, workers=world, accum=plan.accum,
@@ -223,6 +248,8 @@ def train_loop(config: dict) -> None:
         if not boundary:
             continue
         state["step"] += 1
+        if state["step"] == 1:
+            mark("worker: step 1 done")
         reports = []
         if logged:  # one host copy and one gather per logged step, none per micro-batch
             metrics = metrics_of(gather(step_record(parts), world), elapsed=time.time() - step_started)
@@ -250,14 +277,29 @@ def train_loop(config: dict) -> None:
         if plan.reference in ("engine", "adapter_disabled"):  # the reference as training ended: LoRA's base
             ref_chosen, ref_rejected = reference_logps(probe)
             probe_logps |= {"reference_chosen": ref_chosen.tolist(), "reference_rejected": ref_rejected.tolist()}
+    reference_cache = gather_reference(reference_seen, world) if plan.fill_reference_cache else None
     saved_with = load_processor(model_source) if vlm else tokenizer  # a VLM's folder keeps its processor
     save.save_final_model(engine, saved_with, plan.model_uri, rank, lora)  # training/save.py: LoRA: the adapter
-    ckpt.send_metrics({"reports": final, "final": True, "probe_logps": probe_logps, "step": state["step"]})
+    ckpt.send_metrics({"reports": final, "final": True, "probe_logps": probe_logps, "step": state["step"],
+                       "reference_logps": reference_cache})
 
     # ---------------------------------------------------------------- clean up
     del engine, reference
     if on_gpu:
         torch.cuda.empty_cache()
+
+
+def gather_reference(seen: dict[str, dict], world: int) -> dict[str, dict] | None:
+    """Every rank's reference log-probs by split and pair source, merged on rank 0 (None on the other ranks)."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return seen
+    parts = [None] * world
+    dist.all_gather_object(parts, seen)
+    if dist.get_rank() != 0:
+        return None
+    return {split: {k: v for part in parts for k, v in part[split].items()} for split in seen}
 
 
 def hidden_size_of(config) -> int | None:

@@ -9,6 +9,11 @@ sweep) finds the cache and skips the stage. Training workers then read those row
 
 The stage computes log-probabilities with training/forward.sequence_logps_of, the function the training loop uses
 for a live reference, so both give the same numbers for the same model and precision.
+
+Vision-language models (core/vision.py) too: their rows carry the processed images (the `vision` column), which the
+stage hands to the model with each pair's two padded rows and writes into the cache beside the tokens, so the cache
+holds the pixel values (about as large as the decoded images). The key sees the data files, not the image files: an
+image replaced under the same URI needs a new output path or the cache folder removed.
 """
 from __future__ import annotations
 
@@ -124,11 +129,14 @@ class ReferenceStage:
 
         from core.forward import sequence_logps_of
 
-        rows = [dict(zip(TOKEN_COLUMNS, values)) for values in zip(*(batch[c] for c in TOKEN_COLUMNS))]
+        # a vision-language model's rows carry their processor outputs (core/vision.py): each pair's images go
+        # with it into the padded rows, as in the training loop
+        columns = [c for c in (*TOKEN_COLUMNS, "vision") if c in batch]
+        rows = [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
         chosen = np.zeros(len(rows), dtype=np.float32)
         rejected = np.zeros(len(rows), dtype=np.float32)
         for group in forward_groups([pair_width(r) for r in rows], self.tokens_per_forward):
-            pairs = self.collate({c: [rows[i][c] for i in group] for c in TOKEN_COLUMNS})
+            pairs = self.collate({c: [rows[i][c] for i in group] for c in columns})
             inputs = {k: v.to(self.device) for k, v in pairs.items() if torch.is_tensor(v)}
             with torch.no_grad():
                 logps, _ = sequence_logps_of(self.model, inputs, chunk_size=self.chunk_size)
@@ -148,7 +156,7 @@ def read_marker(uri: str) -> dict | None:
 
 
 def compute_split(dataset, target_uri: str, *, model_source: str, precision: str, chunk_size: int,
-                  actors: int, on_gpu: bool, share_prompt: bool = True):
+                  actors: int, on_gpu: bool, share_prompt: bool = True, vision: bool = False):
     from core.devices import cpu_threads, usable_cores
 
     from core import devices
@@ -161,7 +169,7 @@ def compute_split(dataset, target_uri: str, *, model_source: str, precision: str
     if on_gpu:  # as many GPUs per actor as the weights need (core/sharding.py), and fewer actors for it
         gpus, gpu_bytes = gpus_per_actor(model_source, 2 if devices.precision_for(precision, True) == "bf16" else 4)
         actors = actors_for(actors, gpus, actors)
-    dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
+    dataset.select_columns([*TOKEN_COLUMNS, "source", *(["vision"] if vision else [])]).map_batches(
         ReferenceStage, batch_size=64, concurrency=actors, num_gpus=gpus if on_gpu else 0, num_cpus=1,
         fn_constructor_kwargs=dict(model_source=model_source, precision=precision, chunk_size=chunk_size,
                                    threads=threads, share_prompt=share_prompt, gpus=gpus, gpu_bytes=gpu_bytes),
@@ -175,16 +183,60 @@ def read_split(uri: str):
     return ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
 
 
-def precompute_reference(datasets: dict, recipe: Recipe, *, key_parts: dict, on_gpu: bool, actors: int,
-                         chunk_size: int, say, share_prompt: bool = True) -> tuple[dict, dict]:
-    """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
-    {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}."""
+def cache_uri_for(recipe: Recipe, key_parts: dict, on_gpu: bool) -> str:
+    """Where this recipe's reference log-probs are (or will be) cached: the key folder under the output path."""
     from core import devices
 
     precision = devices.precision_for(recipe.training_config.precision, on_gpu)
+    key = cache_key(model_fingerprint(recipe.run.model_name_or_path), key_parts, token_settings(recipe, precision))
+    return cache_root_uri(recipe) + "/" + key
+
+
+def cache_missing(root: str, splits) -> bool:
+    return any(read_marker(f"{root}/{split}.json") is None for split in splits)
+
+
+def fill_cache(root: str, datasets: dict, logps: dict | None, *, run_name: str, key_parts: dict, say) -> list[str]:
+    """Writes the reference log-probs a LoRA run computed as it trained (training/loop.py, split -> {source:
+    [chosen, rejected]}) as the cache a stage would have written; the splits written. A split some of whose pairs
+    the run never reached (max_steps short of the epoch) gets no cache: the next run computes it."""
+    written = []
+    for split, dataset in datasets.items():
+        values = (logps or {}).get(split) or {}
+        sources = [str(row["source"]) for row in dataset.select_columns(["source"]).iter_rows()]
+        missing = sum(source not in values for source in sources)
+        if missing or not sources:
+            say(f"reference log-probs ({split}): {missing} of {len(sources)} pairs not reached in this run; "
+                "no cache written (the next run computes them)")
+            continue
+        folder = f"{root}/{split}-{uuid.uuid4().hex[:8]}"
+        fs, path = storage.pyarrow_filesystem_for(folder)
+        dataset.select_columns([*TOKEN_COLUMNS, "source"]).map_batches(
+            with_reference_columns, fn_kwargs={"values": values}, batch_format="numpy",
+        ).write_parquet(path, filesystem=fs)
+        marker = {"folder": folder, "seconds": 0.0, "filled_by_run": run_name, "key_parts": key_parts}
+        storage.write_bytes(f"{root}/{split}.json", json.dumps(marker, indent=2).encode())  # the marker last
+        say(f"reference log-probs ({split}): kept in {folder} for the next run on this data")
+        written.append(split)
+    return written
+
+
+def with_reference_columns(batch: dict, values: dict) -> dict:
+    """A Ray Data batch with ref_chosen_logps / ref_rejected_logps looked up by each row's source."""
+    import numpy as np
+
+    pairs = np.array([values[str(source)] for source in batch["source"]], dtype=np.float32).reshape(-1, 2)
+    return {**batch, "ref_chosen_logps": pairs[:, 0], "ref_rejected_logps": pairs[:, 1]}
+
+
+def precompute_reference(datasets: dict, recipe: Recipe, *, key_parts: dict, on_gpu: bool, actors: int,
+                         chunk_size: int, say, share_prompt: bool = True, vision: bool = False) -> tuple[dict, dict]:
+    """The datasets with reference log-probs on every row, from the cache or computed now; and what happened:
+    {"cache_uri", "seconds" (time spent computing in this run), "reused" (split names read from the cache)}.
+    vision: the rows are a vision-language model's (core/vision.py): their `vision` column (the processed images)
+    goes through the stage and into the cache with them."""
+    root = cache_uri_for(recipe, key_parts, on_gpu)
     model_source = recipe.run.model_name_or_path
-    key = cache_key(model_fingerprint(model_source), key_parts, token_settings(recipe, precision))
-    root = cache_root_uri(recipe) + "/" + key
     out, info = {}, {"cache_uri": root, "seconds": 0.0, "reused": []}
     for split, dataset in datasets.items():
         marker_uri = f"{root}/{split}.json"
@@ -194,13 +246,16 @@ def precompute_reference(datasets: dict, recipe: Recipe, *, key_parts: dict, on_
             folder = f"{root}/{split}-{uuid.uuid4().hex[:8]}"  # a crash leaves an orphan folder, never a half cache
             say(f"reference log-probs ({split}): computing with {actors} model actor(s) into {folder}")
             compute_split(dataset, folder, model_source=model_source, precision=recipe.training_config.precision,
-                          chunk_size=chunk_size, actors=actors, on_gpu=on_gpu, share_prompt=share_prompt)
+                          chunk_size=chunk_size, actors=actors, on_gpu=on_gpu, share_prompt=share_prompt,
+                          vision=vision)
             marker = {"folder": folder, "seconds": time.time() - started, "key_parts": key_parts}
             storage.write_bytes(marker_uri, json.dumps(marker, indent=2).encode())
             info["seconds"] += marker["seconds"]
             say(f"reference log-probs ({split}): done in {marker['seconds']:.0f}s")
         else:
             info["reused"].append(split)
-            say(f"reference log-probs ({split}): reusing {marker['folder']} (computed in {marker['seconds']:.0f}s)")
+            how = (f"kept by run {marker['filled_by_run']} as it trained" if marker.get("filled_by_run") else
+                   f"computed in {marker['seconds']:.0f}s")
+            say(f"reference log-probs ({split}): reusing {marker['folder']} ({how})")
         out[split] = read_split(marker["folder"])
     return out, info

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from core import vision
-from core.errors import ConfigError
 
 
 def test_vision_tower_names_leave_projectors_and_language_model_out():
@@ -26,8 +25,9 @@ def test_reference_of_a_vision_run():
     assert vision.reference_for("auto", lora=True) == "adapter_disabled"
     assert vision.reference_for("auto", lora=False) == "engine"
     assert vision.reference_for("engine", lora=True) == "engine"
-    with pytest.raises(ConfigError, match="precompute is not supported"):
-        vision.reference_for("precompute", lora=False)
+    # the precompute stage takes image rows (tests/training/test_reference.py), when asked for: its cache holds the
+    # pixel values, so `auto` does not pick it for a VLM as it does for a full-rank text run
+    assert vision.reference_for("precompute", lora=False) == "precompute"
 
 
 def test_collate_vision_gives_each_pair_its_images_twice_in_row_order():
@@ -158,3 +158,51 @@ def test_preference_evaluation_scores_image_pairs_with_their_images(tiny_vlm, tm
     out = actor({"index": [0, 1], "record": [json.dumps(r) for r in records]})
     assert out["tokens_chosen"][0] == out["tokens_chosen"][1] > 0
     assert out["logp_chosen"][0] != pytest.approx(out["logp_chosen"][1], abs=1e-7)  # the image changes the score
+
+
+def test_a_batch_without_images_still_runs_the_vision_tower_times_zero(tiny_vlm):
+    """ZeRO-3 (core/vision.py DUMMY): a micro-batch of text-only rows gets a blank image's inputs; the forward runs
+    the vision encoder and the projector on it (the collectives every rank must join) and adds its output x 0: the
+    same log-probs, and zero (not missing) gradients on the encoder and the projector."""
+    from transformers import AutoModelForImageTextToText
+
+    from core.batch import collate_pairs
+    from core.data.images import load_processor
+    from core.forward import add_logps_head, sequence_logps_of
+
+    processor = load_processor(str(tiny_vlm[0]))
+    blank = vision.blank_image_inputs(processor)
+    assert set(blank) == {"dummy_vision_pixel_values"} and blank["dummy_vision_pixel_values"].shape[0] == 1
+    ids = processor.tokenizer("What colour is the sky?", add_special_tokens=False)["input_ids"]
+    pairs = {"prompt_ids": [ids, ids[:3]], "chosen_ids": [[5, 6, 7], [8]], "rejected_ids": [[9], [10, 11]],
+             "vision": [vision.pack({}), vision.pack({})]}  # text-only rows of image data: no processor outputs
+    plain = collate_pairs(pairs, pad_id=processor.tokenizer.pad_token_id)
+    assert "pixel_values" not in plain
+    with_blank = vision.with_blank_image(plain, blank)
+    assert vision.with_blank_image(with_blank | {"pixel_values": torch.zeros(1)}, blank).keys() == \
+        (with_blank | {"pixel_values": 0}).keys()  # a batch with images is left as it is
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_vlm[0]))
+    add_logps_head(model)
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *_: calls.append("tower"))
+    model.model.multi_modal_projector.register_forward_hook(lambda *_: calls.append("projector"))
+    expected, _ = sequence_logps_of(model, plain)
+    assert calls == []  # without the blank image the encoder is skipped: the ZeRO-3 hang
+    model.zero_grad()
+    got, _ = sequence_logps_of(model, with_blank)
+    assert calls == ["tower", "projector"]
+    assert torch.equal(got, expected)
+    got.sum().backward()
+    blank_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # the parameters a batch with a real image gives gradients to (CLIP's last norm is unused either way)
+    from PIL import Image
+
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    real = processor(text=[text], images=[Image.new("RGB", (40, 32), "red")], return_tensors="np")
+    pairs = {"prompt_ids": [real["input_ids"][0].tolist()], "chosen_ids": [[5]], "rejected_ids": [[9]],
+             "vision": [vision.pack({"pixel_values": real["pixel_values"]})]}
+    model.zero_grad(set_to_none=True)
+    sequence_logps_of(model, collate_pairs(pairs, pad_id=processor.tokenizer.pad_token_id))[0].sum().backward()
+    used = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert set(blank_grads) == used and any("vision_tower" in n for n in used)
+    assert all(g.abs().sum() == 0 for n, g in blank_grads.items() if "language_model" not in n and "lm_head" not in n)

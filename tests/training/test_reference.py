@@ -123,6 +123,51 @@ def test_stage_equals_the_live_reference_and_so_do_the_losses(tiny_model_dir, sh
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_stage_on_image_pairs_equals_the_live_reference_of_each_pair_alone(tmp_path):
+    """A vision-language model (tests/tiny_vlm.py): Nova image rows (1, 2 and 1 images, different widths) through
+    the data stage, then the reference stage with a budget that puts two pairs of different widths in one padded
+    forward; each pair's stored log-probs equal the model's full logits on that pair alone with its own images."""
+    from transformers import AutoModelForImageTextToText
+
+    from core.data.formats import parse_line
+    from core.data.images import load_processor, vision_tokenize_record
+    from tests.tiny_vlm import build_tiny_vlm_dir, image_bytes, nova_image_row
+
+    model_dir = str(build_tiny_vlm_dir(tmp_path / "vlm"))
+    processor = load_processor(model_dir)
+    rows = []
+    for i, (count, chosen) in enumerate(((1, "Red."), (2, "Mostly green, a little blue."), (1, "Blue"))):
+        uris = [f"s3://bkt/{i}-{k}.png" for k in range(count)]
+        record, error = parse_line(json.dumps(nova_image_row(uris, "Which colour?", chosen, "White.")), f"f:{i + 1}")
+        assert error is None
+        for k, uri in enumerate(uris):  # the images as local files
+            (tmp_path / f"{i}-{k}.png").write_bytes(image_bytes(10 * i + k))
+            record["media"] = record["media"].replace(uri, str(tmp_path / f"{i}-{k}.png"))
+        rows.append(vision_tokenize_record(record, processor, max_length=128))
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    batch = as_ray_batch({c: [r[c] for r in rows] for c in columns})
+    batch["vision"] = np.array([r["vision"] for r in rows] + [None], dtype=object)[:-1]
+    widths = sorted(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+    stage = ReferenceStage(model_dir, precision="fp32", tokens_per_forward=4 * widths[1])  # two pairs a forward
+    assert stage.layout == "padded" and len(forward_groups(widths, stage.tokens_per_forward)) == 2
+    out = stage(batch)
+    assert out["vision"] is batch["vision"]  # the images stay with the rows the workers read
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad_id = processor.tokenizer.pad_token_id
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            live, _ = sequence_logps_of(model, collate_pairs({k: [row[k]] for k in (*columns, "vision")}, pad_id),
+                                        head=False)
+        stored = torch.tensor([out["ref_chosen_logps"][i], out["ref_rejected_logps"][i]])
+        torch.testing.assert_close(stored, live, rtol=1e-5, atol=1e-5)
+    # the images count: the first pair with the second one's image scores differently
+    swapped = {k: [rows[0][k]] for k in columns} | {"vision": [rows[2]["vision"]]}
+    with torch.no_grad():
+        other, _ = sequence_logps_of(model, collate_pairs(swapped, pad_id), head=False)
+    assert abs(float(other[0]) - out["ref_chosen_logps"][0]) > 1e-5
+
+
 @pytest.mark.slow
 def test_precompute_writes_a_cache_that_a_second_run_reuses(tiny_model_dir, tmp_path):
     import ray

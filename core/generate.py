@@ -114,7 +114,7 @@ class GeneratorActor:
         media = [str(m) or None for m in batch["media"]] if "media" in batch else [None] * len(messages)
         if self.processor is not None:
             encoded = vision_inputs(self.processor, messages, systems, media, self.device,
-                                    getattr(self.model, "dtype", None))
+                                    getattr(self.model, "dtype", None), tools)
         else:
             if any(media):
                 from core.errors import DataError
@@ -141,7 +141,8 @@ class GeneratorActor:
                 "hit_max_new_tokens": cut}
 
 
-def vision_inputs(processor, messages: list[list[dict]], systems: list, media: list, device, dtype) -> dict:
+def vision_inputs(processor, messages: list[list[dict]], systems: list, media: list, device, dtype,
+                  tools: list | None = None) -> dict:
     """generate() inputs of a batch of prompts for a vision-language model: each prompt through the processor's chat
     template with its images where the row had them (core/data/images.conversation, as the training rows), left
     padded; floating-point image inputs in the model's dtype."""
@@ -150,7 +151,7 @@ def vision_inputs(processor, messages: list[list[dict]], systems: list, media: l
     from core.data.images import ImageError, conversation, load_image
 
     texts, images = [], []
-    for turns, system, parts in zip(messages, systems, media):
+    for turns, system, parts, spec in zip(messages, systems, media, tools or [None] * len(messages)):
         chat, uris = conversation({"prompt": turns, "system": system, "media": parts}, None)
         try:
             images.append([load_image(uri) for uri in uris])
@@ -158,7 +159,8 @@ def vision_inputs(processor, messages: list[list[dict]], systems: list, media: l
             from core.errors import DataError
 
             raise DataError(str(err), fix="replace or fix the image (or leave the row out)") from None
-        texts.append(processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        extra = {"tools": json.loads(spec)} if spec else {}
+        texts.append(processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **extra))
     encoded = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
     return {k: v.to(device, dtype) if dtype is not None and torch.is_floating_point(v) else v.to(device)
             for k, v in encoded.items()}

@@ -187,7 +187,8 @@ def raydpo_recipe(setup: dict, name: str, lora: bool, reference: str, beta: floa
         "training_config": {
             "max_length": setup["max_length"], "global_batch_size": setup["batch"], "micro_batch_size": micro_batch,
             "seed": setup["seed"], "gradient_checkpointing": checkpointing,
-            "precision": "fp32", "trainer": {"max_epochs": 1, "max_steps": setup["steps"]},
+            # fp32 as TRL's side runs; benchmarks/bf16_cpu.py sets "precision" in the setup to compare bf16
+            "precision": setup.get("precision", "fp32"), "trainer": {"max_epochs": 1, "max_steps": setup["steps"]},
             "data": {"format": "hh", "shuffle": True},
             "model": {"optim": {"lr": setup["lr"], "name": "adamw",
                                 "sched": {"warmup_steps": 1, "constant_steps": setup["steps"],
@@ -249,7 +250,8 @@ def child_raydpo(setup: dict, side: str) -> dict:
     return {"tokens_per_s": real / seconds, "padding_waste": computed / real, "real_tokens": real,
             "train_s": rows[-1]["elapsed_s"], "reference_s": stage["seconds"], "reference_reused": stage["reused"],
             "final_loss": rows[-1]["loss"], "losses": [r["loss"] for r in rows],
-            "grad_norms": [r["grad_norm"] for r in rows], "margins": [r["rewards/margins"] for r in rows]}
+            "grad_norms": [r["grad_norm"] for r in rows], "margins": [r["rewards/margins"] for r in rows],
+            "accuracies": [r["rewards/accuracies"] for r in rows]}
 
 
 def child_main(side: str, setup_path: str) -> None:

@@ -9,6 +9,25 @@ def precision_for(precision: str, on_gpu: bool, bf16_supported: bool = True) -> 
     return precision
 
 
+# bf16 matrix units: AMX (Sapphire Rapids and later) runs oneDNN's bf16 matmuls several times faster than fp32
+CPU_BF16_FLAGS = frozenset({"amx_bf16"})
+
+
+def cpu_bf16_fast(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text shows a CPU whose bf16 matmuls beat fp32 (AMX). avx512_bf16 alone (Cooper Lake,
+    Zen 4) has bf16 dot products but no tile unit; its gain is unmeasured, so such CPUs stay on fp32."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool(CPU_BF16_FLAGS & set(flags))
+
+
+def this_cpu_bf16_fast(path: str = "/proc/cpuinfo") -> bool:
+    """cpu_bf16_fast for this machine; False where /proc/cpuinfo cannot be read (not Linux)."""
+    try:
+        return cpu_bf16_fast(open(path).read())
+    except OSError:
+        return False
+
+
 def cpu_threads(cores: int, local_workers: int, requested: str | None = None) -> int:
     """Intra-op threads for one worker: OMP_NUM_THREADS as the user set it when starting the run, else the node's
     cores shared evenly by the workers on it. Ray sets OMP_NUM_THREADS=1 in every worker that has one CPU

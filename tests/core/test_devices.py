@@ -64,3 +64,17 @@ def test_the_driver_no_longer_refuses_quantization_from_its_own_devices(tiny_mod
                                   "output_s3_path": "o"},
                           "training_config": {"model": {"peft": peft}}})
     check_model_knobs(recipe)  # raised "needs a GPU" here before
+
+
+SAPPHIRE_RAPIDS = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                   "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+                   "vmx flags\t: vnmi ept\n")
+COOPER_LAKE = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\nvmx flags\t: amx_bf16_in_a_vmx_line\n"
+
+
+def test_bf16_is_fast_on_cpus_with_amx_only():
+    assert devices.cpu_bf16_fast(SAPPHIRE_RAPIDS)
+    # bf16 dot products without AMX's tiles: unmeasured, so fp32; "vmx flags" is not the CPU's flags line
+    assert not devices.cpu_bf16_fast(COOPER_LAKE)
+    assert not devices.cpu_bf16_fast("")  # no flags line (not x86): fp32
+    assert not devices.this_cpu_bf16_fast("/nonexistent/cpuinfo")

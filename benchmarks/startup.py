@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from core import startup_trace  # noqa: E402 - after the path: this file runs as a script
 RAYDPO = str(Path(sys.executable).parent / "raydpo")
 FIRST_STEP = re.compile(r"\bstep 1/\d+")
 
@@ -55,8 +56,8 @@ def prepare(work: Path, model: str) -> Path:
     return path
 
 
-def timed(command: list[str], env: dict) -> tuple[list[tuple[float, str]], float | None, int]:
-    """(each output line with its seconds since start, seconds to the first step, exit code)."""
+def timed(command: list[str], env: dict) -> tuple[list[tuple[float, str]], float | None, int, float]:
+    """(each output line with its seconds since start, seconds to the first step, exit code, start time)."""
     started = time.time()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, first = [], None
@@ -65,7 +66,7 @@ def timed(command: list[str], env: dict) -> tuple[list[tuple[float, str]], float
         lines.append((at, line.rstrip()))
         if first is None and FIRST_STEP.search(line):
             first = at
-    return lines, first, proc.wait()
+    return lines, first, proc.wait(), started
 
 
 def main() -> int:
@@ -94,11 +95,18 @@ def main() -> int:
                         key, _, value = line.removeprefix("export ").partition("=")
                         warm_env[key] = value
                 env = warm_env
-            lines, first, code = timed([RAYDPO, "train", str(recipe), f"run.name=startup-{i}"], env)
+            trace = work / f"trace-{i}.txt"  # core/startup_trace.py: the launcher's, driver's and worker's marks
+            lines, first, code, started = timed([RAYDPO, "train", str(recipe), f"run.name=startup-{i}"],
+                                                env | {startup_trace.ENV: str(trace)})
             print(f"\n== {kind} run {i}: exit {code}, first step at {first if first is None else round(first, 1)}s")
             for at, line in lines:
                 print(f"{at:6.1f}s  {line}")
+            marks = startup_trace.read_trace(str(trace), started) if trace.exists() else []
+            print("where the start-up went (seconds to reach each mark from the one before):")
+            for label, took in startup_trace.phases(marks):
+                print(f"  {took:6.1f}s  {label}")
             results.append({"kind": kind, "first_step_s": first, "exit": code,
+                            "phases": startup_trace.phases(marks),
                             "lines": [[round(at, 2), line] for at, line in lines]})
     finally:
         if warm_env is not None:

@@ -50,6 +50,9 @@ class RunPlan:
     checkpoint_every: int | None
     log_every: int                   # trainer.log_every_n_steps: progress lines and metrics rows every n steps
     reference: str                   # precompute | engine | adapter_disabled (dpo_cfg.reference, auto resolved)
+    # LoRA with `precompute` and no cache yet: the adapter-disabled reference in the loop, its log-probs sent back
+    # for the driver to write as the cache (training/reference.py), instead of a stage that holds up step 1
+    fill_reference_cache: bool = False
     # data order: the shuffle buffer (None: no shuffling) and length-aware micro-batches within group_buffer pairs
     shuffle_buffer: int | None
     length_grouping: bool = True

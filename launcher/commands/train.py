@@ -49,9 +49,11 @@ def train(recipe: Recipe, log_file: Path, resume_from: str | None = None) -> dic
     from cluster.placement import placement_for
     from cluster.session import check_resources, local_cpus, ray_session
     from core.devices import usable_cores
+    from core.startup_trace import mark
     from launcher.console import user_console
     from training.driver import run_training
 
+    mark("recipe checked, launcher imported")
     replicas = recipe.run.replicas
     check_model_knobs(recipe)  # before the console opens its log: a bad model writes nothing to the output path
     with user_console(log_file) as say:
@@ -60,6 +62,8 @@ def train(recipe: Recipe, log_file: Path, resume_from: str | None = None) -> dic
                          log_file=log_file) \
                 as session:
             import ray
+
+            mark("ray cluster up")
 
             gpus_per_node = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
             nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)

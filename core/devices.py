@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 
-def precision_for(precision: str, on_gpu: bool, bf16_supported: bool = True) -> str:
-    """'bf16' or 'fp32'. auto follows the device: CPU autocast in bf16 is slow and lossy, so CPU runs in fp32."""
+def precision_for(precision: str, on_gpu: bool, bf16_supported: bool = True, cpu_bf16: bool = False) -> str:
+    """'bf16' or 'fp32'. auto follows the device: bf16 on a GPU that has it, and on a CPU with AMX (cpu_bf16:
+    this_cpu_bf16_fast), where benchmarks/bf16_cpu.py measured a LoRA DPO run on SmolLM2-135M 1.38x faster than fp32
+    with per-step losses 0.008 from fp32's on average; fp32 on other CPUs, whose bf16 is emulated or unmeasured."""
     if precision == "auto":
-        return "bf16" if on_gpu and bf16_supported else "fp32"
+        return "bf16" if (bf16_supported if on_gpu else cpu_bf16) else "fp32"
     return precision
 
 

@@ -60,7 +60,8 @@ def train_loop(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
     mark("worker: process group")
 
-    precision = devices.precision_for(tc.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    precision = devices.precision_for(tc.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+                                      cpu_bf16=devices.this_cpu_bf16_fast())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model_source = resolve_model_source(recipe.run.model_name_or_path)
     tokenizer = load_tokenizer(model_source)

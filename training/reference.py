@@ -107,7 +107,8 @@ class ReferenceStage:
         from core.models import load_causal_lm, load_tokenizer
 
         on_gpu = torch.cuda.is_available()
-        precision = devices.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+        precision = devices.precision_for(precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(),
+                                          cpu_bf16=devices.this_cpu_bf16_fast())
         from core.sharding import input_device, load_kwargs
 
         # on GPU: whole on one GPU, or split by layers over this actor's `gpus` (core/sharding.py), never .to("cuda")
@@ -187,7 +188,8 @@ def cache_uri_for(recipe: Recipe, key_parts: dict, on_gpu: bool) -> str:
     """Where this recipe's reference log-probs are (or will be) cached: the key folder under the output path."""
     from core import devices
 
-    precision = devices.precision_for(recipe.training_config.precision, on_gpu)
+    # the driver's CPU stands for its CPU nodes' (auto: bf16 where it has AMX) in the cache key
+    precision = devices.precision_for(recipe.training_config.precision, on_gpu, cpu_bf16=devices.this_cpu_bf16_fast())
     key = cache_key(model_fingerprint(recipe.run.model_name_or_path), key_parts, token_settings(recipe, precision))
     return cache_root_uri(recipe) + "/" + key
 

@@ -94,6 +94,10 @@ def test_precision_follows_the_device():
     assert devices.precision_for("auto", on_gpu=True) == "bf16"
     assert devices.precision_for("auto", on_gpu=True, bf16_supported=False) == "fp32"
     assert devices.precision_for("bf16", on_gpu=False) == "bf16"
+    # a CPU with AMX: auto is bf16 there (benchmarks/bf16_cpu.py); fp32 pins it; the GPU's own support still rules
+    assert devices.precision_for("auto", on_gpu=False, cpu_bf16=True) == "bf16"
+    assert devices.precision_for("fp32", on_gpu=False, cpu_bf16=True) == "fp32"
+    assert devices.precision_for("auto", on_gpu=True, bf16_supported=False, cpu_bf16=True) == "fp32"
 
 
 def test_deepspeed_config_for_zero3():

@@ -46,7 +46,8 @@ def write_recipe(root: Path) -> Path:
         "run": {"name": "qlora", "model_name_or_path": str(root / "model"), "replicas": 1,
                 "data_s3_path": str(root / "data"), "output_s3_path": str(root / "out")},
         "training_config": {
-            "max_length": 128, "global_batch_size": 4, "seed": 5, "trainer": {"max_steps": STEPS},
+            # fp32: the probe's log-probs are checked against a plain forward of the dequantized base at 2e-3
+            "max_length": 128, "global_batch_size": 4, "seed": 5, "precision": "fp32", "trainer": {"max_steps": STEPS},
             "checkpoint": {"every_n_steps": EVERY},
             "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
                       "peft": {"peft_scheme": "lora", "quantization": "4bit",

@@ -27,6 +27,7 @@ PAIRS = {"prompt_ids": [[5, 6, 7], [8], [30, 31, 32, 33, 34], [40, 41]],
 def recipe(model: str, out: str = "/tmp/out") -> dict:
     r = yaml.safe_load((ROOT / "recipes" / "reference.yaml").read_text())
     r["run"] |= {"model_name_or_path": model, "output_s3_path": out}
+    r["training_config"]["precision"] = "fp32"  # the stage's log-probs are checked against fp32 forwards at 1e-5
     return r
 
 

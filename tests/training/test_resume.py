@@ -46,7 +46,8 @@ def write_recipe(workspace: Path, name: str, output: str, max_failures: int = 1)
         "run": {"name": name, "model_name_or_path": str(workspace / "model"), "replicas": 2,
                 "data_s3_path": str(workspace / "data"), "output_s3_path": output},
         "training_config": {
-            "max_length": 128, "global_batch_size": BATCH, "seed": 7, "max_failures": max_failures,
+            # fp32: resumed and resharded runs' losses are checked against an uninterrupted run's at 1e-3 to 1e-5
+            "max_length": 128, "global_batch_size": BATCH, "seed": 7, "max_failures": max_failures, "precision": "fp32",
             "trainer": {"max_epochs": 1}, "data": {"validation_fraction": 0.0},
             "checkpoint": {"every_n_steps": EVERY, "keep_last": 2},
             "model": {"optim": {"lr": 5.0e-3, "sched": {"warmup_steps": 1, "min_lr": 1.0e-5}},

@@ -26,7 +26,8 @@ def write_recipe(tmp: Path, model_dir: Path, data_dir: Path, *, name: str, lora:
         "run": {"name": name, "model_name_or_path": str(model_dir), "replicas": 2, "data_s3_path": str(data_dir),
                 "output_s3_path": str(tmp / "out")},
         "training_config": {
-            "max_length": 128, "global_batch_size": 8, "trainer": {"max_epochs": 1},
+            # fp32: the probe's log-probs are checked against a plain fp32 forward of the saved model at 1e-3
+            "max_length": 128, "global_batch_size": 8, "precision": "fp32", "trainer": {"max_epochs": 1},
             "data": {"validation_fraction": 0.2},
             "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
                       "peft": {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 8, "alpha": 16}} if lora

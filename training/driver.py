@@ -203,7 +203,7 @@ def follow_training(recipe: Recipe, plan: RunPlan, datasets: dict, *, staging: P
     worker failure was, {"error": ...} when the job failed)."""
     tc = recipe.training_config
     storage_fs, storage_path = storage.pyarrow_filesystem_for(uri)
-    progress = ray.util.queue.Queue()
+    progress = progress_queue()
     trainer = build_trainer(recipe, plan, datasets, storage_path=storage_path, storage_filesystem=storage_fs,
                             callbacks=[ProgressCallback(progress)])
     outcome: dict = {}
@@ -260,6 +260,16 @@ def fills_as_it_trains(recipe: Recipe, *, vlm: bool, resuming: bool) -> bool:
     unquantized numbers), VLMs (image rows) or a resumed run (the pairs before the checkpoint would be missing)."""
     peft = recipe.training_config.model.peft
     return peft.peft_scheme == "lora" and not peft.quantization.bits and not vlm and not resuming
+
+
+def progress_queue() -> ray.util.queue.Queue:
+    """The queue the controller's ProgressCallback writes to, on this driver's node: an actor Ray places anywhere
+    can land on a worker node, and when that node is lost (test_node_loss: its raylet killed) the driver's next
+    read raised ActorUnavailableError and the run ended with a traceback instead of restarting its workers."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.util.queue.Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def in_file_order(dataset):

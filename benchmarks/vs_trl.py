@@ -13,8 +13,9 @@ cores. Sides:
   trl_full          TRL DPOTrainer, full-rank (reference: a second model)
   raydpo            raydpo, LoRA, without the optimisations: live reference (adapter disabled), batches of pairs
                     in shuffled order whatever their length (as TRL), full [B, T, V] logits
-  raydpo_optimized  raydpo, LoRA, with them: length-aware batching, log-prob head, reference precomputed by a Ray Data
-                    stage into a fresh cache (its time counts), one pair per forward x 4 accumulated, gradient
+  raydpo_optimized  raydpo, LoRA, with them: length-aware batching, log-prob head, `reference: precompute` with
+                    no cache yet (a LoRA run then computes the reference in its loop, the base with adapters off,
+                    and leaves the cache behind: its time counts), one pair per forward x 4 accumulated, gradient
                     checkpointing
   raydpo_cached     raydpo_optimized again with another beta (a sweep): the cached reference log-probs are reused
   raydpo_full       raydpo, full-rank, with the optimisations (reference from the cache: the base model is the same)
@@ -232,14 +233,18 @@ def child_raydpo(setup: dict, side: str) -> dict:
     out = Path(setup["work"]) / "raydpo-out"
     shutil.rmtree(out / name, ignore_errors=True)  # a finished run of that name would be skipped, not rerun
     if side == "raydpo_optimized":
-        shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a first run: the reference stage must run
+        shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a first run: the reference must be computed
     import yaml
 
     path = Path(setup["work"]) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raydpo_recipe(setup, name, lora, reference, beta, micro_batch, checkpointing)))
     recipe = load_recipe(str(path), [], None, None)
     log_file = Path(setup["work"]) / f"{name}.log"
+    from core.startup_trace import mark
+
+    mark("recipe checked, launcher imported")
     with user_console(log_file) as say, ray_session(num_cpus=1 + DATA_CPUS, num_gpus=None, log_file=log_file):
+        mark("ray cluster up")
         result = run_training(recipe, say=say, workers=recipe.run.replicas, plan_overrides=overrides)
     rows = [json.loads(line) for line in open(Path(result["run_uri"]) / "metrics.jsonl")]
     rows = [r for r in rows if r["split"] == "train"]
@@ -315,6 +320,11 @@ def run_side(side: str, setup_path: Path, threads: int) -> dict:
     # a loaded machine can take longer than Ray's defaults to start the dashboard agent: wait, do not fail
     env.setdefault("RAY_agent_register_timeout_ms", "180000")
     env.setdefault("RAY_raylet_start_wait_time_s", "180")
+    from core import startup_trace
+
+    trace = setup_path.parent / f"{side}.trace"  # where raydpo's start-up goes (core/startup_trace.py)
+    trace.unlink(missing_ok=True)
+    env[startup_trace.ENV] = str(trace)
     started = time.time()
     proc = subprocess.Popen([sys.executable, __file__, "_child", side, str(setup_path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -333,7 +343,8 @@ def run_side(side: str, setup_path: Path, threads: int) -> dict:
     memory = sampler.finish()
     if proc.returncode or result is None:
         raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    return result | memory | {"first_step_s": first_step_s, "wall_s": time.time() - started}
+    phases = startup_trace.phases(startup_trace.read_trace(str(trace), started)) if trace.exists() else []
+    return result | memory | {"first_step_s": first_step_s, "wall_s": time.time() - started, "startup": phases}
 
 
 def padding_unique(result: dict, prompt_tokens: int) -> float:
@@ -394,7 +405,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and max_length 128 (minutes, not tens)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
-    parser.add_argument("--steps", type=int, help="optimizer steps of 4 pairs (default 10, --quick 6)")
+    parser.add_argument("--steps", type=int, help="optimizer steps of 4 pairs (default 16: the 64-pair job, --quick 6)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS for every side")
     parser.add_argument("--workdir", help="keep models, data and outputs here (default: a temporary folder)")
@@ -408,7 +419,7 @@ def main() -> int:
         parser.error(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="raydpo-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
-    setup = prepare(work, args.quick, args.steps or (6 if args.quick else 10), batch=4)
+    setup = prepare(work, args.quick, args.steps or (6 if args.quick else 16), batch=4)
     setup_path = work / "setup.json"
     setup_path.write_text(json.dumps(setup, indent=2))
     print(f"model {setup['model']}, {setup['steps']} steps x {setup['batch']} pairs, max_length "
@@ -424,6 +435,8 @@ def main() -> int:
             print(f"  {r['tokens_per_s']:.1f} real tokens/s, computed / real tokens {r['padding_waste']:.2f}, peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB ({r['peak_rss_process']}), first step {r['first_step_s']:.0f}s, "
                   f"final loss {r['final_loss']:.4f}", flush=True)
+            if r.get("startup"):
+                print("  start-up: " + ", ".join(f"{label} +{took:.1f}s" for label, took in r["startup"]), flush=True)
             if args.json:  # after every side: a crash later keeps what was measured (see --keep)
                 Path(args.json).write_text(json.dumps(results, indent=2))
     for r in results.values():

@@ -188,7 +188,8 @@ def raydpo_recipe(setup: dict, name: str, lora: bool, reference: str, beta: floa
         "training_config": {
             "max_length": setup["max_length"], "global_batch_size": setup["batch"], "micro_batch_size": micro_batch,
             "seed": setup["seed"], "gradient_checkpointing": checkpointing,
-            # fp32 as TRL's side runs; benchmarks/bf16_cpu.py sets "precision" in the setup to compare bf16
+            # --precision: raydpo's default (auto: bf16 on an AMX CPU, else fp32) or fp32 as TRL's side runs;
+            # benchmarks/bf16_cpu.py sets it per run to compare the two
             "precision": setup.get("precision", "fp32"), "trainer": {"max_epochs": 1, "max_steps": setup["steps"]},
             "data": {"format": "hh", "shuffle": True},
             "model": {"optim": {"lr": setup["lr"], "name": "adamw",
@@ -408,6 +409,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps of 4 pairs (default 16: the 64-pair job, --quick 6)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS for every side")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training_config.precision of the raydpo sides (default auto, raydpo's own default: "
+                             "bf16 on a CPU with AMX, else fp32); TRL's sides run fp32, TRL's default on CPU")
     parser.add_argument("--workdir", help="keep models, data and outputs here (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true",
                         help="with --json and --workdir: keep the sides already in the JSON, run only the others "
@@ -419,11 +423,12 @@ def main() -> int:
         parser.error(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="raydpo-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
-    setup = prepare(work, args.quick, args.steps or (6 if args.quick else 16), batch=4)
+    setup = prepare(work, args.quick, args.steps or (6 if args.quick else 16), batch=4) | {
+        "precision": args.precision}
     setup_path = work / "setup.json"
     setup_path.write_text(json.dumps(setup, indent=2))
     print(f"model {setup['model']}, {setup['steps']} steps x {setup['batch']} pairs, max_length "
-          f"{setup['max_length']}, {args.threads} threads, work in {work}", flush=True)
+          f"{setup['max_length']}, {args.threads} threads, raydpo precision {args.precision}, work in {work}", flush=True)
     results = {}
     if args.keep and args.json and Path(args.json).exists():
         results = {k: v for k, v in json.loads(Path(args.json).read_text()).items() if k in SIDES}

@@ -22,7 +22,7 @@ import torch
 
 from core.attention import attention_mask
 from core.logprobs import IGNORE_INDEX, sequence_logps, token_logps
-from core.vision import VISION_KWARGS, blank_image_term
+from core.vision import VISION_KWARGS, blank_image_forward
 
 HEAD_FLAG = "_raydpo_logps_head"
 # a vision-language model's backbone takes its image inputs too (pixel_values, image_grid_thw, ...)
@@ -89,13 +89,11 @@ def sequence_logps_of(model, batch: dict, *, chunk_size: int = 1024, head: bool 
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     inputs.update({k: batch[k] for k in VISION_KWARGS if k in batch})  # a VLM's images (core/vision.py)
-    if head:
-        per_token = model(**inputs, logps_labels=labels, logps_chunk=chunk_size)
-    else:
-        per_token = token_logps(model(**inputs).logits, labels, chunk_size)
-    blank = blank_image_term(model, batch)  # a VLM's micro-batch without images under ZeRO-3 (core/vision.py)
-    if blank is not None:
-        per_token = per_token + blank
+    with blank_image_forward(model, batch):  # a VLM's micro-batch without images, for ZeRO-3 (core/vision.py)
+        if head:
+            per_token = model(**inputs, logps_labels=labels, logps_chunk=chunk_size)
+        else:
+            per_token = token_logps(model(**inputs).logits, labels, chunk_size)
     if "segments" in batch:  # shared: each label belongs to the answer of the token it predicts
         predicted = torch.full_like(batch["segments"], -1)
         predicted[:, :-1] = batch["segments"][:, 1:]

@@ -79,12 +79,15 @@ def reference_for(strategy: str, lora: bool) -> str:
 
 
 # ---------------------------------------------------------------- a micro-batch without images (ZeRO-3)
-# Under ZeRO-3 every rank gathers a module's weights when any rank runs it: a rank whose micro-batch holds no image
-# would skip the vision encoder and the projector while the others wait for it there (a hang), and their gradients
-# would be reduced by some ranks only. Such a batch carries a blank image's inputs under DUMMY-prefixed keys; every
-# forward (policy, reference, validation) runs them through the encoder and projector and adds the output times
-# zero (LLaVA's trick): the same collectives on every rank, zero gradients, the same log-probs.
+# Under ZeRO-3 every rank gathers a module's weights when any rank runs it, in the order the modules run: a rank whose
+# micro-batch holds no image would skip the vision encoder and the projector while the others gather them (measured
+# here: a 2-worker run's rank 0 died in gloo at step 1). Such a batch carries a blank image's inputs under
+# DUMMY-prefixed keys; every forward (policy, reference, validation) runs them through the encoder and projector where
+# a batch with images runs its own (after the token embedding, before the language model: a pre-hook on the language
+# model) and adds the output times zero to the language model's input embeddings (LLaVA's trick): the same modules in
+# the same order on every rank, zero gradients, the same log-probs.
 DUMMY = "dummy_vision_"
+LANGUAGE_MODELS = ("model.language_model", "model.text_model", "language_model", "text_model")
 
 
 def blank_image_inputs(processor) -> dict:
@@ -115,15 +118,48 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-def blank_image_term(model, batch: dict):
-    """0 x the vision encoder's and projector's output on the batch's blank image (a zero scalar in the graph), or
-    None when the batch has real images. model: the transformers model, under PEFT or a DeepSpeed engine."""
+def _unwrapped(model):
+    """The transformers model under a DeepSpeed engine (.module) and PEFT (.get_base_model())."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def language_model_of(model):
+    base = _unwrapped(model)
+    for name in LANGUAGE_MODELS:
+        try:
+            return base.get_submodule(name)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{type(base).__name__} has none of {', '.join(LANGUAGE_MODELS)}")
+
+
+def blank_image_forward(model, batch: dict):
+    """A context for one forward of `model` on `batch`: when the batch carries the blank image (DUMMY keys), the
+    language model's input embeddings get 0 x the vision encoder's and projector's output on it, computed just
+    before the language model runs. Nothing otherwise."""
+    import contextlib
+
     inputs = {k[len(DUMMY):]: v for k, v in batch.items() if isinstance(k, str) and k.startswith(DUMMY)}
     if not inputs:
-        return None
-    module = getattr(model, "module", model)  # a DeepSpeed engine's model; PEFT passes the call to its base
-    features = module.get_image_features(**inputs)
-    return sum(t.float().sum() for t in _tensors(features) if t.is_floating_point()) * 0.0
+        return contextlib.nullcontext()
+    base = _unwrapped(model)
+
+    def add_blank(_module, args, kwargs):
+        features = base.get_image_features(**inputs)
+        zero = sum(t.float().sum() for t in _tensors(features) if t.is_floating_point()) * 0.0
+        embeds = kwargs["inputs_embeds"]
+        return args, kwargs | {"inputs_embeds": embeds + zero.to(embeds.dtype)}
+
+    @contextlib.contextmanager
+    def hooked():
+        handle = language_model_of(base).register_forward_pre_hook(add_blank, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return hooked()
 
 
 # ---------------------------------------------------------------- the `vision` column: processor outputs as bytes

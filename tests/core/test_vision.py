@@ -162,8 +162,10 @@ def test_preference_evaluation_scores_image_pairs_with_their_images(tiny_vlm, tm
 
 def test_a_batch_without_images_still_runs_the_vision_tower_times_zero(tiny_vlm):
     """ZeRO-3 (core/vision.py DUMMY): a micro-batch of text-only rows gets a blank image's inputs; the forward runs
-    the vision encoder and the projector on it (the collectives every rank must join) and adds its output x 0: the
-    same log-probs, and zero (not missing) gradients on the encoder and the projector."""
+    the vision encoder and the projector on it where a batch with images runs them (the same modules in the same
+    order: ZeRO-3 gathers each module's weights on every rank as it runs) and adds their output x 0: the same
+    log-probs, and zero gradients on the encoder and projector where a batch with images has gradients."""
+    from PIL import Image
     from transformers import AutoModelForImageTextToText
 
     from core.batch import collate_pairs
@@ -171,38 +173,42 @@ def test_a_batch_without_images_still_runs_the_vision_tower_times_zero(tiny_vlm)
     from core.forward import add_logps_head, sequence_logps_of
 
     processor = load_processor(str(tiny_vlm[0]))
+    pad_id = processor.tokenizer.pad_token_id
     blank = vision.blank_image_inputs(processor)
     assert set(blank) == {"dummy_vision_pixel_values"} and blank["dummy_vision_pixel_values"].shape[0] == 1
     ids = processor.tokenizer("What colour is the sky?", add_special_tokens=False)["input_ids"]
     pairs = {"prompt_ids": [ids, ids[:3]], "chosen_ids": [[5, 6, 7], [8]], "rejected_ids": [[9], [10, 11]],
              "vision": [vision.pack({}), vision.pack({})]}  # text-only rows of image data: no processor outputs
-    plain = collate_pairs(pairs, pad_id=processor.tokenizer.pad_token_id)
+    plain = collate_pairs(pairs, pad_id=pad_id)
     assert "pixel_values" not in plain
     with_blank = vision.with_blank_image(plain, blank)
-    assert vision.with_blank_image(with_blank | {"pixel_values": torch.zeros(1)}, blank).keys() == \
-        (with_blank | {"pixel_values": 0}).keys()  # a batch with images is left as it is
+    assert set(with_blank) == set(plain) | set(blank)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    real = processor(text=[text], images=[Image.new("RGB", (40, 32), "red")], return_tensors="np")
+    images = collate_pairs({"prompt_ids": [real["input_ids"][0].tolist()], "chosen_ids": [[5]], "rejected_ids": [[9]],
+                            "vision": [vision.pack({"pixel_values": real["pixel_values"]})]}, pad_id=pad_id)
+    assert vision.with_blank_image(images, blank) is images  # a batch with images is left as it is
+
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_vlm[0]))
     add_logps_head(model)
     calls = []
-    model.model.vision_tower.register_forward_hook(lambda *_: calls.append("tower"))
-    model.model.multi_modal_projector.register_forward_hook(lambda *_: calls.append("projector"))
-    expected, _ = sequence_logps_of(model, plain)
-    assert calls == []  # without the blank image the encoder is skipped: the ZeRO-3 hang
-    model.zero_grad()
-    got, _ = sequence_logps_of(model, with_blank)
-    assert calls == ["tower", "projector"]
-    assert torch.equal(got, expected)
-    got.sum().backward()
-    blank_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    # the parameters a batch with a real image gives gradients to (CLIP's last norm is unused either way)
-    from PIL import Image
+    for name, module in (("embed", model.model.language_model.embed_tokens), ("tower", model.model.vision_tower),
+                         ("projector", model.model.multi_modal_projector),
+                         ("layer 0", model.model.language_model.layers[0])):
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
 
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
-    real = processor(text=[text], images=[Image.new("RGB", (40, 32), "red")], return_tensors="np")
-    pairs = {"prompt_ids": [real["input_ids"][0].tolist()], "chosen_ids": [[5]], "rejected_ids": [[9]],
-             "vision": [vision.pack({"pixel_values": real["pixel_values"]})]}
-    model.zero_grad(set_to_none=True)
-    sequence_logps_of(model, collate_pairs(pairs, pad_id=processor.tokenizer.pad_token_id))[0].sum().backward()
-    used = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert set(blank_grads) == used and any("vision_tower" in n for n in used)
-    assert all(g.abs().sum() == 0 for n, g in blank_grads.items() if "language_model" not in n and "lm_head" not in n)
+    def run(batch):
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        logps, _ = sequence_logps_of(model, batch)
+        logps.sum().backward()
+        return logps.detach(), list(calls), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, order, _ = run(plain)
+    assert order == ["embed", "layer 0"]  # without the blank image the encoder is skipped: the ZeRO-3 failure
+    _, image_order, image_grads = run(images)
+    assert image_order == ["embed", "tower", "projector", "layer 0"]
+    got, order, grads = run(with_blank)
+    assert order == image_order and torch.equal(got, expected)
+    assert set(grads) == set(image_grads) and any("vision_tower" in n for n in grads)
+    assert all(g.abs().sum() == 0 for n, g in grads.items() if "vision_tower" in n or "projector" in n)

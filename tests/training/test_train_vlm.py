@@ -52,6 +52,9 @@ def raydpo_train(tmp: Path, bucket: str, model_dir: Path, *, name: str, lora: bo
         "training_config": {
             "max_length": max_length, "global_batch_size": 4, "trainer": {"max_steps": 3},
             **({"micro_batch_size": micro_batch} if micro_batch else {}),
+            # global batches of 4 rows in file order (image, image, image, text): rank 0 takes the text-only row
+            # and an image row, rank 1 two image rows (training/batch_split.py sorts each batch by width)
+            **({"data": {"shuffle_buffer": 4}} if micro_batch else {}),
             "model": {"optim": {"lr": 5e-3, "sched": {"warmup_steps": 1, "min_lr": 1e-5}},
                       "dpo_cfg": {"reference": reference},
                       "peft": {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 8, "alpha": 16}} if lora
@@ -88,8 +91,8 @@ def test_lora_two_replicas_trains_adapters_on_projector_and_language_model(vlm_w
     tmp, bucket, model_dir = vlm_workspace
     # the reference precomputed (training/reference.py) from the image rows, images and all: at step 1 the policy is
     # the base (lora_B is zero), so its log-probs equal the stored ones and the loss is ln 2, rewards 0
-    # one pair per micro-batch on each of the 2 ZeRO-3 workers: a text-only row on one rank beside an image row on
-    # the other hangs unless its micro-batch runs the blank image through the vision tower (core/vision.py)
+    # one pair per micro-batch on each of the 2 ZeRO-3 workers, at every step a text-only row on rank 0 beside an
+    # image row on rank 1: that fails unless rank 0 runs the blank image through the vision tower (core/vision.py)
     run_dir, summary = train(tmp, bucket, model_dir, name="vlm-lora", lora=True, replicas=2, reference="precompute",
                              micro_batch=1)
     assert summary["plan"]["reference"] == "precompute" and summary["plan"]["workers"] == 2

@@ -153,7 +153,9 @@ def blank_image_forward(model, batch: dict):
 
     @contextlib.contextmanager
     def hooked():
-        handle = language_model_of(base).register_forward_pre_hook(add_blank, with_kwargs=True)
+        # prepend: before DeepSpeed's own pre-hook on the language model, as the encoder runs before the language
+        # model is entered in a batch with images (ZeRO-3 checks that every rank fetches in the same module order)
+        handle = language_model_of(base).register_forward_pre_hook(add_blank, with_kwargs=True, prepend=True)
         try:
             yield
         finally:

@@ -196,6 +196,9 @@ def test_a_batch_without_images_still_runs_the_vision_tower_times_zero(tiny_vlm)
                          ("projector", model.model.multi_modal_projector),
                          ("layer 0", model.model.language_model.layers[0])):
         module.register_forward_hook(lambda *_, name=name: calls.append(name))
+    # a pre-hook on the language model registered before the forward, as DeepSpeed's ZeRO-3 fetch hook is: it must
+    # see the encoder already run, as in a batch with images
+    model.model.language_model.register_forward_pre_hook(lambda *_: calls.append("language model"))
 
     def run(batch):
         calls.clear()
@@ -205,9 +208,9 @@ def test_a_batch_without_images_still_runs_the_vision_tower_times_zero(tiny_vlm)
         return logps.detach(), list(calls), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     expected, order, _ = run(plain)
-    assert order == ["embed", "layer 0"]  # without the blank image the encoder is skipped: the ZeRO-3 failure
+    assert order == ["embed", "language model", "layer 0"]  # without the blank image the encoder is skipped: the ZeRO-3 failure
     _, image_order, image_grads = run(images)
-    assert image_order == ["embed", "tower", "projector", "layer 0"]
+    assert image_order == ["embed", "tower", "projector", "language model", "layer 0"]
     got, order, grads = run(with_blank)
     assert order == image_order and torch.equal(got, expected)
     assert set(grads) == set(image_grads) and any("vision_tower" in n for n in grads)

@@ -82,11 +82,13 @@ class SecondNode:
 
 def alive_cpu_nodes(head: headnode.Head) -> list[str]:
     """The node ids Ray lists as alive with a CPU."""
-    probe = ("import ray, json; ray.init(address='auto', log_to_driver=False); "
-             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0)]))")
+    probe = ("import ray, json; ray.init(address='auto', log_to_driver=False); print('ALIVE ' + json.dumps("
+             "[n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0)]))")
     run = subprocess.run([sys.executable, "-c", probe], env=head.driver_env(), capture_output=True, text=True,
                          timeout=120)
-    return json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 and run.stdout.strip() else []
+    # Ray prints its own lines here too (a lost node's "raylet has lagging heartbeats ..."): only the marked one
+    marked = [line for line in run.stdout.splitlines() if line.startswith("ALIVE ")]
+    return json.loads(marked[-1].removeprefix("ALIVE ")) if run.returncode == 0 and marked else []
 
 
 class TwoNodes:

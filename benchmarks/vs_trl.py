@@ -202,18 +202,19 @@ def raydpo_recipe(setup: dict, name: str, lora: bool, reference: str, beta: floa
 
 
 # side -> (run name, LoRA?, reference, beta, pairs per forward, gradient checkpointing, plan overrides). The
-# optimised sides run one pair (2 sequences) per forward and accumulate 4 of them into the same global batch of 4:
-# with length-aware batching the padding is that of one pair either way (1.09 on HH), and activation memory, which
-# dominates a 30-layer model at 512 tokens, is a quarter of a 4-pair forward's; gradient checkpointing then keeps
-# one layer's activations instead of 30 (on this machine it took a LoRA step from 12 s to 16 s and the worker's peak
-# RSS from 3.6 GB to 1.7 GB). All sides run on one worker, hence without ZeRO partitioning (ds_config.zero_stage).
+# optimised sides run the 4 pairs of a step in one forward (raydpo's default micro batch), grouped by length:
+# small matmuls run far below the CPU's peak, bf16 ones on AMX even more, and on 2026-12-06 the cached side's
+# training took 79 s with 4 pairs per forward against 123 s with one pair x 4 accumulated (bf16, 16 steps);
+# gradient checkpointing keeps one layer's activations instead of 30 (on this machine it took a LoRA step from 12 s
+# to 16 s and the worker's peak RSS from 3.6 GB to 1.7 GB). All sides run on one worker, hence without ZeRO
+# partitioning of the weights (ds_config.zero_stage).
 # The optimised sides also compute each pair's prompt once for both answers (core/batch.py collate_shared); the
 # plain side lays pairs out as TRL does, two padded rows per pair.
 SIDE_RECIPES = {
     "raydpo": ("bench-plain", True, "adapter_disabled", 0.1, 4, False,
                {"length_grouping": False, "logps_head": False, "share_prompt": False}),
-    "raydpo_optimized": ("bench-optimized", True, "precompute", 0.1, 1, True, {}),
-    "raydpo_cached": ("bench-cached", True, "precompute", 0.2, 1, True, {}),
+    "raydpo_optimized": ("bench-optimized", True, "precompute", 0.1, 4, True, {}),
+    "raydpo_cached": ("bench-cached", True, "precompute", 0.2, 4, True, {}),
     "raydpo_full": ("bench-full", False, "precompute", 0.1, 1, True, {}),
 }
 

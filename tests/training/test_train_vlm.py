@@ -50,7 +50,8 @@ def raydpo_train(tmp: Path, bucket: str, model_dir: Path, *, name: str, lora: bo
         "run": {"name": name, "model_name_or_path": str(model_dir), "replicas": replicas,
                 "data_s3_path": f"{bucket}/pairs/", "output_s3_path": str(tmp / "out")},
         "training_config": {
-            "max_length": max_length, "global_batch_size": 4, "trainer": {"max_steps": 3},
+            # fp32: the trained model's log-probs are checked against the base's and a plain forward's
+            "max_length": max_length, "global_batch_size": 4, "precision": "fp32", "trainer": {"max_steps": 3},
             **({"micro_batch_size": micro_batch} if micro_batch else {}),
             # global batches of 4 rows in file order (image, image, image, text): rank 0 takes the text-only row
             # and an image row, rank 1 two image rows (training/batch_split.py sorts each batch by width)

@@ -66,3 +66,18 @@ def build_tiny_workspace(root: Path, pairs: int) -> Path:
         for row in answer_format_pairs(pairs, seed=1):
             f.write(json.dumps(row) + "\n")
     return root
+
+
+def result_in_fresh_python(module: str, function: str, arg: str, timeout: int) -> dict:
+    """`module.function(arg)` run in a new Python process (a DeepSpeed engine's process-group state stays out of the
+    test process), its JSON result back; the child's output shown if it printed none."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = f"import json; from {module} import {function}; print('RESULT', json.dumps({function}({arg!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=timeout)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])

@@ -161,20 +161,11 @@ def zero3_differences(model_dir: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_head_gradients_equal_full_logits_under_zero3(tmp_path, tie):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.tiny import result_in_fresh_python
 
-    root = Path(__file__).resolve().parents[2]
     model_dir = tmp_path / "model"
     tiny_llama(tie).save_pretrained(model_dir)  # tied: the head is the embedding, which ZeRO-3 must gather twice
-    code = ("import json; from tests.core.test_forward import zero3_differences; "
-            f"print('RESULT', json.dumps(zero3_differences({str(model_dir)!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=900)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(line[len("RESULT "):])
+    result = result_in_fresh_python("tests.core.test_forward", "zero3_differences", str(model_dir), 900)
     # every weight (the tied head is the embedding: one fewer); every LoRA A and B
     assert result["full"]["grads"] == (20 if tie else 21) and result["lora"]["grads"] == 28
     for kind in ("full", "lora"):

@@ -2,15 +2,11 @@
 training/ds_config.py) runs bf16 weights with fp32 master weights and fp32 log-probs, and trains as fp32 does."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.core.test_forward import PAIRS, tiny_llama
+from tests.tiny import result_in_fresh_python
 
 
 def train_both(model_dir: str) -> dict:
@@ -63,14 +59,8 @@ def train_both(model_dir: str) -> dict:
 
 @pytest.mark.slow
 def test_bf16_on_cpu_trains_bf16_weights_with_fp32_master_weights_as_fp32_does(tmp_path):
-    root = Path(__file__).resolve().parents[2]
     tiny_llama(tie=False).save_pretrained(tmp_path / "model")
-    code = ("import json; from tests.training.test_precision import train_both; "
-            f"print('RESULT', json.dumps(train_both({str(tmp_path / 'model')!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = json.loads(line[len("RESULT "):])
+    runs = result_in_fresh_python("tests.training.test_precision", "train_both", str(tmp_path / "model"), 600)
     assert runs["bf16"]["weights"] == ["torch.bfloat16"] and runs["fp32"]["weights"] == ["torch.float32"]
     assert runs["bf16"]["master"] == ["torch.float32"]  # the optimizer steps fp32 copies, not the bf16 weights
     assert runs["bf16"]["logps"] == runs["fp32"]["logps"] == ["torch.float32"]

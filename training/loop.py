@@ -171,9 +171,9 @@ def train_loop(config: dict) -> None:
         half = logps.shape[0] // 2
         return logps[:half], logps[half:], counts[:half], counts[half:]
 
-    # a LoRA run whose reference cache is missing fills it as it trains (training/reference.py): split -> {source:
-    # [chosen, rejected]}, gathered to rank 0 at the end
-    reference_seen: dict[str, dict[str, list[float]]] = {"train": {}, "validation": {}}
+    # a LoRA run whose reference cache is missing fills it as it trains (training/reference.py): split -> [(sources,
+    # [pairs, 2] log-probs)], gathered to rank 0 at the end as split -> {source: [chosen, rejected]}
+    reference_seen: dict[str, list] = {"train": [], "validation": []}
 
     def reference_logps(batch, split="train"):
         if plan.reference == "precompute":  # computed ahead of training by training/reference.py
@@ -189,8 +189,8 @@ def train_loop(config: dict) -> None:
             ref_chosen, ref_rejected = pair_logps(batch, engine.module, with_grad=False)[:2]
         engine.module.train(was_training)
         if batch.get("sources"):  # the end-of-run probe pairs carry none and are no part of the cache
-            values = torch.stack([ref_chosen, ref_rejected], dim=1).float().cpu().tolist()
-            reference_seen[split].update(zip(batch["sources"], values))
+            # kept on the device: read to the host once, at the end (no host sync per micro-batch)
+            reference_seen[split].append((batch["sources"], torch.stack([ref_chosen, ref_rejected], dim=1)))
         return ref_chosen, ref_rejected
 
     def loss_of(batch, with_grad, split="train"):
@@ -290,10 +290,13 @@ def train_loop(config: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def gather_reference(seen: dict[str, dict], world: int) -> dict[str, dict] | None:
+def gather_reference(seen_batches: dict[str, list], world: int) -> dict[str, dict] | None:
     """Every rank's reference log-probs by split and pair source, merged on rank 0 (None on the other ranks)."""
     import torch.distributed as dist
 
+    seen = {split: {source: values for sources, logps in batches
+                    for source, values in zip(sources, logps.float().cpu().tolist())}
+            for split, batches in seen_batches.items()}
     if world == 1:
         return seen
     parts = [None] * world

@@ -220,15 +220,14 @@ SIDE_RECIPES = {
 
 
 def child_raydpo(setup: dict, side: str) -> dict:
-    """What `raydpo train` does (launcher/commands/train.py), with the plan overrides that switch optimisations off."""
-    from cluster.session import ray_session
-    from launcher.commands.train import DATA_CPUS
-    from launcher.console import user_console
-    from launcher.recipe import load_recipe
-    from training.driver import run_training
-
+    """`raydpo train` (launcher/commands/train.py train), with the plan overrides that switch optimisations off and
+    without the report a user's run writes after training."""
     import shutil
 
+    import yaml
+
+    from launcher.commands.train import train
+    from launcher.recipe import load_recipe
     from training.reference import CACHE_DIR
 
     name, lora, reference, beta, micro_batch, checkpointing, overrides = SIDE_RECIPES[side]
@@ -236,18 +235,10 @@ def child_raydpo(setup: dict, side: str) -> dict:
     shutil.rmtree(out / name, ignore_errors=True)  # a finished run of that name would be skipped, not rerun
     if side == "raydpo_optimized":
         shutil.rmtree(out / CACHE_DIR, ignore_errors=True)  # a first run: the reference must be computed
-    import yaml
-
     path = Path(setup["work"]) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raydpo_recipe(setup, name, lora, reference, beta, micro_batch, checkpointing)))
     recipe = load_recipe(str(path), [], None, None)
-    log_file = Path(setup["work"]) / f"{name}.log"
-    from core.startup_trace import mark
-
-    mark("recipe checked, launcher imported")
-    with user_console(log_file) as say, ray_session(num_cpus=1 + DATA_CPUS, num_gpus=None, log_file=log_file):
-        mark("ray cluster up")
-        result = run_training(recipe, say=say, workers=recipe.run.replicas, plan_overrides=overrides)
+    result = train(recipe, Path(setup["work"]) / f"{name}.log", plan_overrides=overrides, report=False)
     rows = [json.loads(line) for line in open(Path(result["run_uri"]) / "metrics.jsonl")]
     rows = [r for r in rows if r["split"] == "train"]
     real = sum(r["real_tokens"] for r in rows)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster.session import (check_resources, cluster_address_from_env, local_cpus, probe, ray_session,
-                             split_host_port)
+                             ray_train_env, split_host_port)
 from tests.cluster.headnode import SHARED_CPUS, free_ports, port_open
 from core.errors import ClusterError
 
@@ -32,6 +32,16 @@ def test_a_local_cluster_gets_every_usable_core():
     assert local_cpus(8, 2, 96) == 96
     # a 2-core laptop with 2 replicas: one per worker plus the data CPUs, more than its cores
     assert local_cpus(2, 2, 2) == 4
+
+
+def test_ray_train_polls_faster_and_a_local_cluster_has_no_preemption_watcher():
+    local = ray_train_env(True, {})
+    assert local == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    # a cluster raydpo joins may lose nodes to preemption: its watcher stays
+    assert ray_train_env(False, {}) == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    # the user's own settings win
+    assert ray_train_env(True, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}) == {
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def test_split_host_port():

@@ -9,9 +9,9 @@ Printed: the per-step losses of both, the loss agreement (max and mean absolute 
 final step's reward accuracy and margin of each), real tokens/s of each (reference stage counted, and training alone)
 and their ratio, and the oneDNN ISA that bf16 matmuls run on here (AMX when the CPU has it).
 
-The criterion, fixed before measuring (raydpo issue 21): `precision: auto` picks bf16 on a CPU with AMX only if the
-mean absolute per-step loss difference is at most LOSS_TOLERANCE and bf16's real tokens/s (reference stage counted)
-is at least MIN_SPEEDUP times fp32's.
+The criterion, fixed before measuring (raydpo issue 21): `precision: auto` picks bf16 on a CPU with bf16 matmul
+units (AMX, AVX-512 BF16) only if the mean absolute per-step loss difference is at most LOSS_TOLERANCE and bf16's
+real tokens/s (reference stage counted) is at least MIN_SPEEDUP times fp32's.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def main() -> int:
     setup = vs_trl.prepare(work, quick=False, steps=args.steps, batch=4)
     isa = onednn_isa()
     print(f"model {setup['model']}, {setup['steps']} steps x {setup['batch']} pairs, max_length "
-          f"{setup['max_length']}, {args.threads} threads, AMX bf16 {this_cpu_bf16_fast()}; oneDNN bf16: {isa}; "
-          f"work in {work}", flush=True)
+          f"{setup['max_length']}, {args.threads} threads, bf16 matmul units {this_cpu_bf16_fast()}; oneDNN bf16: "
+          f"{isa}; work in {work}", flush=True)
     results = {}
     for precision in PRECISIONS:
         folder = work / precision  # its own outputs and reference cache: each run computes its reference stage
@@ -104,7 +104,7 @@ def main() -> int:
     print(f"real tokens/s: fp32 {results['fp32']['tokens_per_s']:.1f}, bf16 {results['bf16']['tokens_per_s']:.1f}: "
           f"{agreed['speedup']:.2f}x (criterion >= {MIN_SPEEDUP}); training alone {agreed['train_speedup']:.2f}x")
     decision = bf16_by_default(agreed)
-    print(f"bf16 as the CPU default (AMX): {'yes' if decision else 'no'}: criterion "
+    print(f"bf16 as this CPU's default: {'yes' if decision else 'no'}: criterion "
           f"{'met' if decision else 'NOT met'}")
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "agreement": agreed, "bf16_by_default": decision,

@@ -3,21 +3,23 @@ from __future__ import annotations
 
 
 def precision_for(precision: str, on_gpu: bool, bf16_supported: bool = True, cpu_bf16: bool = False) -> str:
-    """'bf16' or 'fp32'. auto follows the device: bf16 on a GPU that has it, and on a CPU with AMX (cpu_bf16:
-    this_cpu_bf16_fast), where benchmarks/bf16_cpu.py measured a LoRA DPO run on SmolLM2-135M 1.38x faster than fp32
-    with per-step losses 0.008 from fp32's on average; fp32 on other CPUs, whose bf16 is emulated or unmeasured."""
+    """'bf16' or 'fp32'. auto follows the device: bf16 on a GPU that has it, and on a CPU with bf16 matmul units
+    (cpu_bf16: this_cpu_bf16_fast), where benchmarks/bf16_cpu.py measured a LoRA DPO run on SmolLM2-135M faster than
+    fp32 with per-step losses within 0.01 of fp32's on average (AMX 1.38x, AVX-512 BF16 1.49x); fp32 on other
+    CPUs, whose bf16 is emulated."""
     if precision == "auto":
         return "bf16" if (bf16_supported if on_gpu else cpu_bf16) else "fp32"
     return precision
 
 
-# bf16 matrix units: AMX (Sapphire Rapids and later) runs oneDNN's bf16 matmuls several times faster than fp32
-CPU_BF16_FLAGS = frozenset({"amx_bf16"})
+# bf16 matmul units, each measured against fp32 with benchmarks/bf16_cpu.py (README, Performance): AMX (Sapphire
+# Rapids and later: 1.38x, 2026-12-06) and AVX-512 BF16's dot products (Zen 4: 1.49x, 2026-12-06)
+CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def cpu_bf16_fast(cpuinfo: str) -> bool:
-    """Whether /proc/cpuinfo's text shows a CPU whose bf16 matmuls beat fp32 (AMX). avx512_bf16 alone (Cooper Lake,
-    Zen 4) has bf16 dot products but no tile unit; its gain is unmeasured, so such CPUs stay on fp32."""
+    """Whether /proc/cpuinfo's text shows a CPU whose bf16 matmuls beat fp32: AMX or AVX-512 BF16 in its flags line
+    (not in "vmx flags")."""
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return bool(CPU_BF16_FLAGS & set(flags))
 

@@ -50,7 +50,7 @@ def add_logps_head(model) -> None:
         backbone_kwargs = {k: kwargs[k] for k in BACKBONE_KWARGS if kwargs.get(k) is not None}
         hidden = getattr(self, backbone_name)(*args, use_cache=False, **backbone_kwargs).last_hidden_state
         labelled = logps_labels != IGNORE_INDEX
-        logits = self.get_output_embeddings()(hidden[labelled])  # [N, V]: response positions only
+        logits = fp32_logits(self.get_output_embeddings(), hidden[labelled])  # [N, V]: response positions only
         if scale != 1.0:
             logits = logits * scale
         if softcap:
@@ -61,6 +61,28 @@ def add_logps_head(model) -> None:
 
     model.forward = types.MethodType(forward, model)
     setattr(model, HEAD_FLAG, True)
+
+
+def fp32_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output embedding's logits in fp32 whatever the weights' dtype. In bf16 a logit near 20 is held to the
+    nearest 0.125, and DPO's loss reads the small difference between the policy's and the reference's sums of those.
+    Still called as the module, with an fp32 forward for that one call: ZeRO-3's hooks gather its weight."""
+    if head.weight.dtype == torch.float32:
+        return head(hidden)
+    own = head.__dict__.get("forward")
+    head.forward = types.MethodType(_linear_in_fp32, head)
+    try:
+        return head(hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _linear_in_fp32(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    bias = None if head.bias is None else head.bias.float()
+    return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
 def shifted_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

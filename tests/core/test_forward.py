@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from core.batch import collate_pairs
-from core.forward import add_logps_head, logit_transform, segment_sums, sequence_logps_of, shifted_labels
+from core.forward import (add_logps_head, fp32_logits, logit_transform, segment_sums, sequence_logps_of,
+                          shifted_labels)
 from core.logprobs import IGNORE_INDEX
 
 PAIRS = {"prompt_ids": [[5, 6, 7], [8], [30, 31, 32, 33, 34]],
@@ -171,3 +172,21 @@ def test_head_gradients_equal_full_logits_under_zero3(tmp_path, tie):
     for kind in ("full", "lora"):
         assert result[kind]["largest_grad"] > 1e-3  # the comparison is not between zeros
         assert result[kind]["logps"] < 1e-5 and result[kind]["grad"] < 1e-5 * result[kind]["largest_grad"]
+
+
+def test_a_bf16_head_gives_fp32_logits_of_its_weights_and_passes_gradients_back():
+    head = torch.nn.Linear(8, 50, bias=True).to(torch.bfloat16)
+    hidden = (torch.randn(5, 8) * 4).to(torch.bfloat16).requires_grad_()
+    calls = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(1))  # ZeRO-3 gathers in such a hook
+    logits = fp32_logits(head, hidden)
+    want = hidden.detach().float() @ head.weight.float().T + head.bias.float()
+    assert logits.dtype == torch.float32 and calls == [1]
+    torch.testing.assert_close(logits, want)  # exact fp32 sums of the bf16 values
+    assert not torch.equal(head(hidden).float(), want)  # bf16's own forward rounds them
+    assert "forward" not in head.__dict__  # the module's forward is its own again
+    logits.sum().backward()
+    torch.testing.assert_close(hidden.grad.float(), head.weight.float().sum(0).expand(5, 8).to(torch.bfloat16).float())
+    assert head.weight.grad.dtype == torch.bfloat16
+    fp32 = torch.nn.Linear(8, 50)
+    assert torch.equal(fp32_logits(fp32, hidden.detach().float()), fp32(hidden.detach().float()))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import s3_server  # noqa: F401 - the fixture ray_cluster starts first
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """One `ray start --head` cluster shared by the slow tests that can share it (tests/cluster/headnode.py: free
     ports, a token of its own, stopped through its own processes only, SHARED_CPUS logical CPUs), started at the
     first test that asks for it and stopped when the session ends.
@@ -52,10 +54,14 @@ def ray_cluster():
     the token set): `raydpo train` then connects to it (cluster/session.py) instead of starting and stopping a
     local cluster of its own. Not for tests that kill Ray processes, check how a cluster is started or stopped, or
     need an environment variable in the workers: the workers get the head's environment, as it was when it started.
+    That environment, and driver_env(), hold this session's S3 server (tests/s3server.py: AWS_ENDPOINT_URL on
+    127.0.0.1 and its test keys), so runs that read or write s3:// share the head too: such a test takes the
+    `s3_server` fixture of this conftest (a module that imports its own gets another server).
     """
     from tests.cluster.headnode import SHARED_CPUS, port_open, start_head, stop_head
+    from tests.s3server import aws_env_for
 
-    head = start_head(num_cpus=SHARED_CPUS)
+    head = start_head(num_cpus=SHARED_CPUS, extra_env=aws_env_for(s3_server.endpoint_url))
     yield head
     stop_head(head)
     assert not port_open("127.0.0.1", head.gcs_port) and head.processes() == [], "the shared head was not stopped"

@@ -92,10 +92,11 @@ def user_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
 
 
-def start_head(num_cpus: int = 2) -> Head:
+def start_head(num_cpus: int = 2, extra_env: dict | None = None) -> Head:
+    """extra_env: variables for the head's processes (so its workers) and every driver_env()."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rdpo-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     gcs, dashboard, client, agent, metrics, runtime_env = free_ports(6)
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), **(extra_env or {})}
     log = temp_dir / "head.log"
     command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
                "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
@@ -120,12 +121,17 @@ def start_head(num_cpus: int = 2) -> Head:
     raise RuntimeError(f"the head did not come up in 90 s:\n{log.read_text()[-3000:]}")
 
 
+STOP_GRACE_S = 8
+
+
 def stop_head(head: Head) -> list[int]:
     """Stops this head only; returns the pids that had to be killed after `ray start --block` went."""
     if head.process.poll() is None:
         head.process.send_signal(signal.SIGTERM)
         try:
-            head.process.wait(timeout=30)
+            # not 30 s: the session's teardown, where the shared head stops after its runs, jobs and Serve apps,
+            # took 33 s on 2026-12-06; whatever is still alive after this is killed below anyway
+            head.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             head.process.kill()
             head.process.wait()

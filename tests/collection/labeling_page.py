@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def screenshot_task(url: str, project: int, task: dict, out: Path, *, email: str = ADMIN_EMAIL,
-                    password: str = PASSWORD) -> str:
-    """Logs in, opens the task's labeling page, waits for the prompt and both answers; the page's text."""
+                    password: str = PASSWORD, settle_s: float = 30) -> str:
+    """Logs in, opens the task's labeling page, waits for the prompt and both answers; the page's text. settle_s: how
+    long to wait for a live submit button, for the README's picture (a test checks the text and takes less)."""
     from tests.serving.browser import Browser
 
     browser = Browser()
@@ -52,7 +53,7 @@ def screenshot_task(url: str, project: int, task: dict, out: Path, *, email: str
         try:
             browser.wait_for("!document.body.innerText.includes('Import data to get') && [...document."
                              "querySelectorAll('button')].some(b => /^(Submit|Update|Skip)$/.test(b.innerText.trim())"
-                             " && !b.disabled)", timeout=30)
+                             " && !b.disabled)", timeout=settle_s)
         except TimeoutError:
             pass
         before = None

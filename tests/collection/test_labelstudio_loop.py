@@ -193,6 +193,7 @@ def test_labeling_page_shows_the_prompt_and_both_answers(label_studio, pushed, t
     from tests.collection.labeling_page import screenshot_task
 
     task = pushed["ls_tasks"][0]
-    text = screenshot_task(label_studio.url, pushed["project"], task, tmp_path / "labeling.png")
+    # a task the loop test already labelled shows no live submit button: waiting 30 s for one was most of this test
+    text = screenshot_task(label_studio.url, pushed["project"], task, tmp_path / "labeling.png", settle_s=3)
     assert (tmp_path / "labeling.png").stat().st_size > 10_000
     assert "Tie" in text and "Both bad" in text and "Answer A" in text and "Answer B" in text

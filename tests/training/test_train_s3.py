@@ -8,8 +8,6 @@ import sys
 import pytest
 import yaml
 
-from tests.cluster.headnode import user_env
-from tests.s3server import s3_server  # noqa: F401 - the fixture
 from tests.tiny import build_tiny_model_dir
 from tests.training.test_train_integration import ROOT
 from core.data.synthetic import answer_format_pairs
@@ -17,7 +15,7 @@ from core.data.synthetic import answer_format_pairs
 pytestmark = pytest.mark.slow
 
 
-def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_path):  # noqa: F811
+def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, ray_cluster, tmp_path):
     import s3fs
 
     bucket = s3_server.make_bucket("prefs")  # s3://prefs
@@ -37,10 +35,9 @@ def test_train_streams_shards_from_s3_and_writes_outputs_there(s3_server, tmp_pa
     }
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    # its own local cluster, not the shared head: the workers need the S3 endpoint this test's server set in the
-    # environment after the shared head started
+    # the shared head: its workers have this session's S3 server in their environment (tests/conftest.py)
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(path)], cwd=ROOT,
-                          env=user_env() | {"PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+                          env=ray_cluster.driver_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "skipping 1 bad row(s)" in proc.stdout
 

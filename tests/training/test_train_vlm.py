@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from tests.s3server import s3_server  # noqa: F401 - the fixture
 from tests.tiny_vlm import build_tiny_vlm_dir, image_bytes, nova_image_row
 
 pytestmark = pytest.mark.slow
@@ -24,7 +22,7 @@ COLOURS = ("red", "green", "blue", "white")
 
 
 @pytest.fixture(scope="module")
-def vlm_workspace(s3_server, tmp_path_factory):  # noqa: F811
+def vlm_workspace(s3_server, ray_cluster, tmp_path_factory):  # noqa: F811
     import s3fs
 
     tmp = tmp_path_factory.mktemp("vlm-train")
@@ -40,10 +38,10 @@ def vlm_workspace(s3_server, tmp_path_factory):  # noqa: F811
         rows.append(nova_image_row(uris, "Which colour is most of the picture?", f"Mostly {right}.",
                                    f"Mostly {wrong}."))
     fs.pipe(f"{bucket}/pairs/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-    return tmp, bucket, build_tiny_vlm_dir(tmp / "vlm")
+    return tmp, bucket, build_tiny_vlm_dir(tmp / "vlm"), ray_cluster
 
 
-def raydpo_train(tmp: Path, bucket: str, model_dir: Path, *, name: str, lora: bool, replicas: int,
+def raydpo_train(tmp: Path, bucket: str, model_dir: Path, head, *, name: str, lora: bool, replicas: int,
                  max_length: int = 128, reference: str = "auto", micro_batch: int | None = None
                  ) -> subprocess.CompletedProcess:
     recipe = {
@@ -64,13 +62,13 @@ def raydpo_train(tmp: Path, bucket: str, model_dir: Path, *, name: str, lora: bo
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    # the S3 fixture's environment reaches the local Ray cluster that `raydpo train` starts
+    # on the shared head, which started with the S3 server's environment (tests/conftest.py ray_cluster)
     return subprocess.run([sys.executable, "-m", "launcher.cli", "train", str(path)], cwd=ROOT,
-                          env=dict(os.environ), capture_output=True, text=True, timeout=1200)
+                          env=head.driver_env(), capture_output=True, text=True, timeout=1200)
 
 
-def train(tmp: Path, bucket: str, model_dir: Path, *, name: str, lora: bool, replicas: int, **more):
-    proc = raydpo_train(tmp, bucket, model_dir, name=name, lora=lora, replicas=replicas, **more)
+def train(tmp: Path, bucket: str, model_dir: Path, head, *, name: str, lora: bool, replicas: int, **more):
+    proc = raydpo_train(tmp, bucket, model_dir, head, name=name, lora=lora, replicas=replicas, **more)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run_dir = tmp / "out" / name
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -89,13 +87,13 @@ def test_lora_two_replicas_trains_adapters_on_projector_and_language_model(vlm_w
 
     from core.data.formats import parse_line
 
-    tmp, bucket, model_dir = vlm_workspace
+    tmp, bucket, model_dir, head = vlm_workspace
     # the reference precomputed (training/reference.py) from the image rows, images and all: at step 1 the policy is
     # the base (lora_B is zero), so its log-probs equal the stored ones and the loss is ln 2, rewards 0
     # one pair per micro-batch on each of the 2 ZeRO-3 workers, at every step a text-only row on rank 0 beside an
     # image row on rank 1: that fails unless rank 0 runs the blank image through the vision tower (core/vision.py)
-    run_dir, summary = train(tmp, bucket, model_dir, name="vlm-lora", lora=True, replicas=2, reference="precompute",
-                             micro_batch=1)
+    run_dir, summary = train(tmp, bucket, model_dir, head, name="vlm-lora", lora=True, replicas=2,
+                             reference="precompute", micro_batch=1)
     assert summary["plan"]["reference"] == "precompute" and summary["plan"]["workers"] == 2
     assert summary["plan"]["zero_stage"] == 3 and summary["plan"]["micro_batch"] == 1
     assert summary["plan"]["reference_precompute"]["reused"] == []
@@ -129,8 +127,8 @@ def test_lora_two_replicas_trains_adapters_on_projector_and_language_model(vlm_w
 def test_full_rank_one_replica_moves_projector_and_language_model_not_the_vision_tower(vlm_workspace):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    tmp, bucket, model_dir = vlm_workspace
-    run_dir, summary = train(tmp, bucket, model_dir, name="vlm-full", lora=False, replicas=1)
+    tmp, bucket, model_dir, head = vlm_workspace
+    run_dir, summary = train(tmp, bucket, model_dir, head, name="vlm-full", lora=False, replicas=1)
     assert summary["plan"]["reference"] == "engine"  # the reference stage is text only: a live reference
     tuned = AutoModelForImageTextToText.from_pretrained(run_dir / "model").state_dict()
     base = AutoModelForImageTextToText.from_pretrained(model_dir).state_dict()
@@ -143,8 +141,8 @@ def test_full_rank_one_replica_moves_projector_and_language_model_not_the_vision
 def test_image_data_above_novas_max_length_is_refused_after_the_data_check(vlm_workspace):
     """Nova limits image data to max_length 16384 (raydpo allows 32768 for text): refused once the pre-flight has
     seen the images, before any training work (no plan, no checkpoint)."""
-    tmp, bucket, model_dir = vlm_workspace
-    proc = raydpo_train(tmp, bucket, model_dir, name="vlm-too-long", lora=True, replicas=1, max_length=16400)
+    tmp, bucket, model_dir, head = vlm_workspace
+    proc = raydpo_train(tmp, bucket, model_dir, head, name="vlm-too-long", lora=True, replicas=1, max_length=16400)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "config error: training_config.max_length=16400 is above 16384 and the training data holds 16 image(s)" \

@@ -35,20 +35,17 @@ def records(data: str, pairs: int) -> list[dict]:
         from benchmarks.vs_trl import hh_pairs
 
         return [record for _, record in hh_pairs(pairs)]
-    from core.data.formats import parse_line
-    from core.data.raw_rows import iter_raw_rows
+    from benchmarks.vs_trl import shared_dir
+    from core.config import Data
+    from core.data.pipeline import is_bad, rows_here
     from launcher.cli import main as raydpo
-    from tests.conftest import shared_dir
 
     out = Path(tempfile.mkdtemp(prefix="raydpo-padding-"))
     if raydpo(["data", "when2call", str(shared_dir() / WHEN2CALL), "--out", str(out)]) != 0:
         sys.exit("raydpo data when2call failed")
-    found, detected = [], {}
-    for path in sorted((out / "train").rglob("*.jsonl")):
-        for text, source in iter_raw_rows(str(path)):
-            record, error = parse_line(text, source, "auto", None, detected)
-            if not error:
-                found.append(record)
+    # read as `raydpo train` reads local data (no shuffling, no validation split: every training pair once)
+    found = [record for record, reason, _, _ in rows_here([str(out / "train")], Data(shuffle=False), 0, 0.0)
+             if not is_bad(reason)]
     return found[:pairs]
 
 

@@ -15,7 +15,7 @@ cores. Sides:
                     in shuffled order whatever their length (as TRL), full [B, T, V] logits
   raydpo_optimized  raydpo, LoRA, with them: length-aware batching, log-prob head, `reference: precompute` with
                     no cache yet (a LoRA run then computes the reference in its loop, the base with adapters off,
-                    and leaves the cache behind: its time counts), one pair per forward x 4 accumulated, gradient
+                    and leaves the cache behind: its time counts), a step's 4 pairs in one forward, gradient
                     checkpointing
   raydpo_cached     raydpo_optimized again with another beta (a sweep): the cached reference log-probs are reused
   raydpo_full       raydpo, full-rank, with the optimisations (reference from the cache: the base model is the same)

@@ -114,6 +114,18 @@ def ray_train_env(started_here: bool, env: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in wanted.items() if name not in env}
 
 
+@contextlib.contextmanager
+def ray_train_environment(started_here: bool) -> Iterator[None]:
+    """ray_train_env set in this process for the run (the controller fit() starts reads them), taken back after."""
+    added = ray_train_env(started_here, os.environ)
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def local_cpus(replicas: int, data_cpus: int, cores: int) -> int:
     """CPUs of a local cluster started for a run: one per training worker plus data_cpus for the data pipeline, or
     every usable core where the machine has more. replicas + data_cpus alone, on an 8-GPU node with 96 cores, is 10:

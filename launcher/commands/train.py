@@ -11,7 +11,6 @@ trains nothing and prints its result.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def train(recipe: Recipe, log_file: Path, resume_from: str | None = None, plan_o
     without raydpo's optimisations, timed without the report."""
     # lazy: these start Ray and load torch; `raydpo validate` imports this package and must stay fast
     from cluster.placement import placement_for
-    from cluster.session import check_resources, local_cpus, ray_session, ray_train_env
+    from cluster.session import check_resources, local_cpus, ray_session, ray_train_environment
     from core.devices import usable_cores
     from core.startup_trace import mark
     from launcher.console import user_console
@@ -76,17 +75,12 @@ def train(recipe: Recipe, log_file: Path, resume_from: str | None = None, plan_o
                             session["resources"])
             say(f"cluster: {'started here' if session['started_here'] else session['address']}, "
                 f"{nodes} node(s), placement {placement.strategy}")
-            added = ray_train_env(session["started_here"], os.environ)
-            os.environ.update(added)  # read by the controller fit() starts; this process's only, taken back after
-            try:
+            with ray_train_environment(session["started_here"]):
                 result = run_training(recipe, say=say, workers=placement.workers, use_gpu=placement.use_gpu,
                                       placement_strategy=placement.strategy, resume_from=resume_from,
                                       plan_overrides=plan_overrides,
                                       before_manifest=(lambda uri: write_report_quietly(uri, say)) if report
                                       else None)
-            finally:
-                for name in added:
-                    os.environ.pop(name, None)
     return result
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster.session import (check_resources, cluster_address_from_env, local_cpus, probe, ray_session,
-                             ray_train_env, split_host_port)
+                             ray_train_env, ray_train_environment, split_host_port)
 from tests.cluster.headnode import SHARED_CPUS, free_ports, port_open
 from core.errors import ClusterError
 
@@ -42,6 +42,16 @@ def test_ray_train_polls_faster_and_a_local_cluster_has_no_preemption_watcher():
     # the user's own settings win
     assert ray_train_env(True, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}) == {
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def test_ray_train_environment_is_set_for_the_run_and_taken_back(monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    with ray_train_environment(True):
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"  # the user's, left alone
 
 
 def test_split_host_port():

@@ -175,6 +175,7 @@ def test_head_gradients_equal_full_logits_under_zero3(tmp_path, tie):
 
 
 def test_a_bf16_head_gives_fp32_logits_of_its_weights_and_passes_gradients_back():
+    torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=True).to(torch.bfloat16)
     hidden = (torch.randn(5, 8) * 4).to(torch.bfloat16).requires_grad_()
     calls = []
